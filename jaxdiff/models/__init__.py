@@ -1,1 +1,56 @@
-"""jaxdiff.models."""
+"""Flax linen denoiser backbones: U-Net, DiT and MLP.
+
+All models share one call signature,
+``model.apply(variables, x, noise_label, cond=None, *, train=False, variant=None)``,
+return float32 arrays shaped like ``x``, and name every parameter axis with a word from
+:data:`LOGICAL_AXES`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+
+from jaxdiff.models.dit import DIT_CONFIGS, DiT, dit_config
+from jaxdiff.models.layers import LOGICAL_AXES, VARIANTS
+from jaxdiff.models.mlp import MLP
+from jaxdiff.models.unet import UNet
+
+MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT, "mlp": MLP}
+"""Model classes by factory name."""
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Builds a model by name.
+
+    Args:
+      name: ``"unet"``, ``"dit"`` or ``"mlp"`` (case-insensitive). For DiT a size may
+        follow, e.g. ``"dit-B/2"``, equivalent to ``DiT.from_name("B/2", **kwargs)``.
+      **kwargs: Fields of the model class.
+
+    Returns:
+      The configured (uninitialised) module.
+
+    Raises:
+      ValueError: If the name is unknown, listing the allowed names.
+    """
+    key = name.lower()
+    if key.startswith("dit-") or key.startswith("dit_"):
+        return DiT.from_name(name[4:].upper(), **kwargs)
+    if key not in MODELS:
+        raise ValueError(f"unknown model {name!r}; allowed: {tuple(MODELS)} (or 'dit-<size>/<p>')")
+    return MODELS[key](**kwargs)
+
+
+__all__ = [
+    "DIT_CONFIGS",
+    "LOGICAL_AXES",
+    "MLP",
+    "MODELS",
+    "VARIANTS",
+    "DiT",
+    "UNet",
+    "create_model",
+    "dit_config",
+]

@@ -1,0 +1,314 @@
+"""Convolutional U-Net of the DDPM++ / ADM family.
+
+Structure (for ``ch_mult`` of length L on ``[B, H, W, C]`` inputs):
+
+* input 3x3 conv to ``ch`` channels;
+* encoder: per level ``num_res_blocks`` residual blocks of ``ch * mult`` channels,
+  each followed by self-attention when the level's resolution (pixels, ``H / 2^level``)
+  is in ``attn_resolutions``; then a downsample (strided 3x3 conv or 2x2 average pool)
+  except at the last level;
+* middle: residual block, self-attention, residual block;
+* decoder: mirror image with ``num_res_blocks + 1`` blocks per level, each fed the
+  concatenation with the matching encoder activation (skip connection), then a
+  nearest-neighbour upsample + 3x3 conv;
+* GroupNorm -> SiLU -> zero-initialised 3x3 conv back to ``C`` channels, so the
+  network outputs exactly zero at initialisation.
+
+Residual blocks: GroupNorm -> SiLU -> conv -> GroupNorm modulated by the embedding
+(adaptive scale/shift, ADM's ``use_scale_shift_norm``) -> SiLU -> dropout ->
+zero-initialised conv; the sum with the (1x1-projected) input is scaled by 1/sqrt(2)
+(DDPM++) to keep activations' variance from growing with depth. The conditioning
+embedding (width ``4 * ch``) is the sum of the noise-level and class embeddings.
+
+Logical axes follow :mod:`jaxdiff.models.layers`: conv kernels are
+``("conv_h", "conv_w", "embed", "mlp")`` whatever the in/out widths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.models.layers import (
+    ClassEmbedding,
+    NoiseEmbedding,
+    SelfAttention,
+    check_variant,
+    dense,
+    group_norm,
+    partitioned,
+    xavier,
+    zeros,
+)
+
+RESAMPLES: tuple[str, ...] = ("conv", "avgpool")
+"""Downsampling kinds of :class:`UNet`."""
+
+
+def conv(
+    features: int,
+    kernel: int = 3,
+    *,
+    stride: int = 1,
+    zero_init: bool = False,
+    dtype: jnp.dtype,
+    param_dtype: jnp.dtype,
+    name: str | None = None,
+) -> nn.Conv:
+    """A square 2-D convolution with symmetric padding and named axes.
+
+    Args:
+      features: Output channels.
+      kernel: Kernel side (odd).
+      stride: Stride in both directions.
+      zero_init: Initialise the kernel to zero.
+      dtype: Compute dtype.
+      param_dtype: Parameter dtype.
+      name: Submodule name.
+
+    Returns:
+      The configured :class:`flax.linen.Conv`.
+    """
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=partitioned(
+            zeros if zero_init else xavier, ("conv_h", "conv_w", "embed", "mlp")
+        ),
+        bias_init=partitioned(zeros, ("mlp",)),
+        name=name,
+    )
+
+
+class ResBlock(nn.Module):
+    """Residual block with adaptive GroupNorm scale/shift from the embedding.
+
+    Attributes:
+      features: Output channels.
+      dropout: Dropout rate before the second conv.
+      dtype: Compute dtype.
+      param_dtype: Parameter dtype.
+    """
+
+    features: int
+    dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Applies the block.
+
+        Args:
+          x: ``[B, H, W, C_in]``.
+          emb: ``[B, E]`` conditioning embedding.
+          deterministic: Disables dropout.
+
+        Returns:
+          ``[B, H, W, features]``.
+        """
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.silu(group_norm(x.shape[-1], name="norm1", **kw)(x))
+        h = conv(self.features, name="conv1", **kw)(h)
+        mod = dense(2 * self.features, ("embed", "mlp"), name="emb", **kw)(nn.silu(emb))
+        scale, shift = jnp.split(mod[:, None, None, :], 2, axis=-1)
+        h = group_norm(self.features, name="norm2", **kw)(h) * (1 + scale) + shift
+        h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=deterministic)
+        h = conv(self.features, zero_init=True, name="conv2", **kw)(h)
+        if x.shape[-1] != self.features:
+            x = conv(self.features, 1, name="skip", **kw)(x)
+        return (x + h) * (1 / math.sqrt(2))
+
+
+class AttnBlock(nn.Module):
+    """Residual self-attention over the pixels of a feature map.
+
+    Attributes:
+      num_heads: Attention heads.
+      attention_impl: ``implementation=`` of ``jax.nn.dot_product_attention``.
+      dtype: Compute dtype.
+      param_dtype: Parameter dtype.
+    """
+
+    num_heads: int
+    attention_impl: str | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, identity: bool = False) -> jax.Array:
+        """Applies the block.
+
+        Args:
+          x: ``[B, H, W, C]``.
+          identity: Static; identity attention map (perturbed-attention guidance).
+
+        Returns:
+          ``[B, H, W, C]``.
+        """
+        b, height, width, c = x.shape
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = group_norm(c, name="norm", **kw)(x).reshape(b, height * width, c)
+        h = SelfAttention(
+            self.num_heads, self.attention_impl, zero_init_out=True, name="attn", **kw
+        )(h, identity)
+        return x + h.reshape(b, height, width, c)
+
+
+class UNet(nn.Module):
+    """DDPM++/ADM-style U-Net denoiser backbone on ``[B, H, W, C]`` images.
+
+    Attention layers are addressed by resolution in pixels (an int from
+    ``attn_resolutions``, meaning every attention layer at that resolution) or
+    ``"mid"`` (the middle block's attention). ``variant`` (static) perturbs them:
+
+    * None: the normal network;
+    * ``"pag"``: the attention layers in ``pag_layers`` use the identity attention map
+      (output = value projection, then the output projection);
+    * ``"slg"``: the attention layers in ``skip_layers`` are skipped (identity).
+
+    Attributes:
+      ch: Base channel count.
+      ch_mult: Channel multiplier per resolution level.
+      num_res_blocks: Residual blocks per encoder level.
+      attn_resolutions: Resolutions (pixels) at which self-attention runs.
+      dropout: Dropout rate in residual blocks (active only with ``train=True``).
+      num_classes: Real classes (0 = unconditional); id ``num_classes`` is the null
+        class, used for every example when ``cond`` is None.
+      embedding: Noise embedding kind, ``"positional"`` or ``"fourier"``.
+      embedding_scale: Scale of the noise embedding (None = kind's default).
+      num_heads: Attention heads (used when ``head_dim`` is None).
+      head_dim: If set, heads = channels // head_dim at each attention layer.
+      resample: Downsampling, ``"conv"`` (strided 3x3 conv) or ``"avgpool"``.
+      attention_impl: ``implementation=`` of ``jax.nn.dot_product_attention``.
+      pag_layers: Attention layers perturbed by ``"pag"``; None = ``("mid",)``.
+      skip_layers: Attention layers skipped by ``"slg"``; None = ``("mid",)``.
+      dtype: Compute dtype.
+      param_dtype: Parameter dtype.
+    """
+
+    ch: int = 64
+    ch_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    num_classes: int = 0
+    embedding: str = "positional"
+    embedding_scale: float | None = None
+    num_heads: int = 1
+    head_dim: int | None = None
+    resample: str = "conv"
+    attention_impl: str | None = None
+    pag_layers: tuple[int | str, ...] | None = None
+    skip_layers: tuple[int | str, ...] | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def _select(self, layers, field: str, resolutions: set[int]) -> frozenset:
+        chosen = ("mid",) if layers is None else tuple(layers)
+        bad = [k for k in chosen if k != "mid" and k not in resolutions]
+        if bad:
+            raise ValueError(
+                f"{field} {bad} name no attention layer; use 'mid' or one of {sorted(resolutions)}"
+            )
+        return frozenset(chosen)
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        noise_label: jax.Array,
+        cond: jax.Array | None = None,
+        *,
+        train: bool = False,
+        variant: str | None = None,
+    ) -> jax.Array:
+        """Predicts the network output for noisy images.
+
+        Args:
+          x: ``[B, H, W, C]`` noisy images; H, W divisible by ``2^(len(ch_mult)-1)``.
+          noise_label: ``[B]`` float noise labels (the formulation's ``c_noise``).
+          cond: int32 ``[B]`` class labels or None (null class).
+          train: Enables dropout (rng collection ``"dropout"``).
+          variant: Static: None, ``"pag"`` or ``"slg"`` (see the class docstring).
+
+        Returns:
+          ``[B, H, W, C]`` float32.
+
+        Raises:
+          ValueError: Unknown variant/resample, bad layer names or image size.
+        """
+        check_variant(variant)
+        if self.resample not in RESAMPLES:
+            raise ValueError(f"unknown resample {self.resample!r}; allowed: {RESAMPLES}")
+        b, height, width, channels = x.shape
+        levels = len(self.ch_mult)
+        if height % 2 ** (levels - 1) or width % 2 ** (levels - 1):
+            raise ValueError(f"image {height}x{width} not divisible by 2^{levels - 1}")
+        attn_res = {height >> i for i in range(levels)} & set(self.attn_resolutions)
+        pag = self._select(self.pag_layers, "pag_layers", attn_res) if variant == "pag" else ()
+        skip = self._select(self.skip_layers, "skip_layers", attn_res) if variant == "slg" else ()
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        deterministic = not train
+
+        def attend(h: jax.Array, key: int | str, name: str) -> jax.Array:
+            if key in skip and not self.is_initializing():
+                return h  # skip-layer guidance: the attention layer is the identity
+            c = h.shape[-1]
+            heads = self.num_heads if self.head_dim is None else max(1, c // self.head_dim)
+            block = AttnBlock(heads, self.attention_impl, name=name, **kw)
+            return block(h, key in pag)
+
+        emb_dim = 4 * self.ch
+        emb = NoiseEmbedding(
+            self.ch, emb_dim, self.embedding, self.embedding_scale, name="noise_embed", **kw
+        )(jnp.broadcast_to(noise_label, (b,)))
+        if self.num_classes > 0:
+            emb = emb + ClassEmbedding(self.num_classes, emb_dim, name="class_embed", **kw)(cond, b)
+
+        h = conv(self.ch, name="conv_in", **kw)(x.astype(self.dtype))
+        skips = [h]
+        for level, mult in enumerate(self.ch_mult):
+            res = height >> level
+            for i in range(self.num_res_blocks):
+                h = ResBlock(self.ch * mult, self.dropout, name=f"down{level}_res{i}", **kw)(
+                    h, emb, deterministic
+                )
+                if res in attn_res:
+                    h = attend(h, res, f"down{level}_attn{i}")
+                skips.append(h)
+            if level < levels - 1:
+                if self.resample == "conv":
+                    h = conv(h.shape[-1], stride=2, name=f"down{level}_resample", **kw)(h)
+                else:
+                    h = nn.avg_pool(h, (2, 2), strides=(2, 2))
+                skips.append(h)
+
+        h = ResBlock(h.shape[-1], self.dropout, name="mid_res0", **kw)(h, emb, deterministic)
+        h = attend(h, "mid", "mid_attn")
+        h = ResBlock(h.shape[-1], self.dropout, name="mid_res1", **kw)(h, emb, deterministic)
+
+        for level in reversed(range(levels)):
+            res = height >> level
+            for i in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = ResBlock(
+                    self.ch * self.ch_mult[level], self.dropout, name=f"up{level}_res{i}", **kw
+                )(h, emb, deterministic)
+                if res in attn_res:
+                    h = attend(h, res, f"up{level}_attn{i}")
+            if level > 0:
+                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest neighbour
+                h = conv(h.shape[-1], name=f"up{level}_resample", **kw)(h)
+
+        h = nn.silu(group_norm(h.shape[-1], name="norm_out", **kw)(h))
+        h = conv(channels, zero_init=True, name="conv_out", **kw)(h)
+        return h.astype(jnp.float32)
