@@ -206,11 +206,24 @@ _TOY_SAMPLERS: dict[str, Callable[[int, int], tuple[np.ndarray, np.ndarray]]] = 
 }
 _TOY_NUM_CLASSES = {"toy_gmm": 8, "moons": 2, "checkerboard": 2}
 _ALIASES = {"gmm": "toy_gmm"}
+#: ``"synthetic_latents"``: fixed random 32x32x4 "latents" with 1000 classes, for DiT
+#: throughput runs that need no data (the values carry no signal).
+SYNTHETIC_LATENTS = {"num_examples": 4096, "shape": (32, 32, 4), "num_classes": 1000}
+
+
+def _synthetic_latents(split: str) -> ArraySource:
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    n, shape, classes = (SYNTHETIC_LATENTS[k] for k in ("num_examples", "shape", "num_classes"))
+    image = rng.standard_normal((n, *shape), dtype=np.float32)
+    label = rng.integers(0, classes, n).astype(np.int32)
+    return ArraySource(image, label, name="synthetic_latents", split=split, num_classes=classes)
 
 
 def dataset_names() -> list[str]:
     """Names accepted by :func:`get_dataset` (besides any ``"tfds:<name>"``)."""
-    return sorted(["digits", *_TOY_SAMPLERS, *_ALIASES, *KNOWN_TFDS, *TFDS_ALIASES])
+    return sorted(
+        ["digits", "synthetic_latents", *_TOY_SAMPLERS, *_ALIASES, *KNOWN_TFDS, *TFDS_ALIASES]
+    )
 
 
 def get_dataset(name: str, *, split: str = "train", data_dir: str | None = None) -> DataSource:
@@ -222,6 +235,8 @@ def get_dataset(name: str, *, split: str = "train", data_dir: str | None = None)
       default parameters (:func:`jaxdiff.data.toys.ring_gaussian_mixture` etc.), stored
       as ``"image"`` ``[2]``. Finite sets pre-sampled with fixed seeds: 100,000 points for
       ``"train"`` (seed 0), 10,000 for ``"test"`` (seed 1).
+    * ``"synthetic_latents"``: 4,096 fixed random ``[32, 32, 4]`` arrays with 1,000 labels,
+      for throughput runs of latent models without data.
     * Known TFDS names (``"cifar10"``, ``"mnist"``, ``"imagenet_resized/32x32"``, ...) and
       ``"tfds:<any tfds name>"``: read from ``data_dir`` via :func:`load_tfds`.
 
@@ -244,6 +259,8 @@ def get_dataset(name: str, *, split: str = "train", data_dir: str | None = None)
         return ArraySource(
             images, labels, name="digits", split=split, num_classes=digits.NUM_CLASSES
         )
+    if canonical == "synthetic_latents":
+        return _synthetic_latents(split)
     if canonical in _TOY_SAMPLERS:
         if split not in TOY_SPLIT_SIZES:
             raise ValueError(

@@ -12,9 +12,11 @@ from jaxdiff.guidance.base import (
     to_ho_salimans,
 )
 from jaxdiff.guidance.cfg import CFG, cfg
+from jaxdiff.guidance.registry import GUIDANCE, parse_guidance
 
 __all__ = [
     "CFG",
+    "GUIDANCE",
     "Guidance",
     "GuideOut",
     "NoGuidance",
@@ -23,6 +25,7 @@ __all__ = [
     "cfg",
     "eval_branches",
     "from_ho_salimans",
+    "parse_guidance",
     "per_sample",
     "to_ho_salimans",
 ]

@@ -1,0 +1,289 @@
+"""Checkpoints: one small wrapper around orbax's ``CheckpointManager`` (the V0 API).
+
+Each step directory ``<directory>/<step>/`` holds three items:
+
+* ``state``: the train state pytree (``ocp.args.StandardSave``), stored sharded, so it
+  restores onto any mesh given an abstract state that carries the target shardings;
+* ``data``: the data iterator's state as JSON (e.g. grain's ``{"next_index": 12}``);
+* ``config``: the run's config as JSON (e.g. ``config.to_dict()``).
+
+Orbax writes each step into a temporary directory and renames it when complete, so a
+crash mid-save leaves a ``<step>.orbax-checkpoint-tmp-*`` directory that is never
+listed as a step. A finalized step can still be unreadable (a truncated file, a
+half-synced copy); :meth:`Checkpointer.restore` then warns and falls back to the
+previous step. Unreadable steps are never deleted or overwritten by this module.
+
+Every process calls :meth:`Checkpointer.save` and :meth:`Checkpointer.restore`; orbax
+decides who writes what. The ``data`` and ``config`` items are written once (by the
+primary process), so the data state must be the same on every process, which holds
+for grain iterators that consume the same number of batches on every host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+logger = logging.getLogger(__name__)
+
+_STATE, _DATA, _CONFIG = "state", "data", "config"
+
+
+def _normalize_directory(directory: str | os.PathLike) -> str:
+    path = os.fspath(directory)
+    # Remote paths (gs://...) go to orbax untouched; local ones are made absolute so
+    # error messages name the real location.
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _check_json(name: str, value: Any) -> None:
+    # Orbax serialises JSON items in a background thread; checking here turns a late,
+    # hard-to-trace failure into an immediate error that names the item.
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"{name} must be JSON-serialisable (dicts, lists, str, int, float, bool, None), "
+            f"but json.dumps failed: {e}. Convert a ConfigDict with .to_dict(), numpy "
+            "scalars with .item() and arrays with .tolist()."
+        ) from e
+
+
+def _check_abstract_state(abstract_state: PyTree) -> None:
+    # Without a target sharding orbax would fall back to the sharding stored at save
+    # time, which names devices that may not exist on this mesh or host.
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state):
+        if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+            raise ValueError(
+                f"abstract_state leaf {jax.tree_util.keystr(path)} has no sharding. "
+                "Give every leaf a target sharding, e.g. "
+                "jax.tree.map(ocp.utils.to_shape_dtype_struct, state) or "
+                "jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))."
+            )
+
+
+class Checkpointer:
+    """Saves and restores train state, data-iterator state and config with orbax.
+
+    Args:
+        directory: where step directories live (local path or ``gs://...``). It is
+            created on the first save, not here, so pointing a reader at a wrong path
+            leaves no empty directory behind.
+        max_to_keep: how many of the newest steps to keep; older ones are deleted
+            after each successful save.
+        async_save: write in a background thread (orbax's default). Device arrays are
+            copied to host before :meth:`save` returns, so the state may be donated
+            right after. Call :meth:`wait_until_finished` or :meth:`close` before exit.
+
+    Example:
+        >>> ckpt = Checkpointer(workdir + "/checkpoints")  # doctest: +SKIP
+        >>> ckpt.save(step, state, data_state=it.get_state(), config=cfg)  # doctest: +SKIP
+        >>> state, data_state, step = ckpt.restore(abstract_state)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True
+    ):
+        if max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+        self.directory = _normalize_directory(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=False,
+            enable_async_checkpointing=async_save,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(
+        self,
+        step: int,
+        state: PyTree,
+        *,
+        data_state: dict | None = None,
+        config: dict | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Starts saving ``state`` (and the JSON items) as ``step``.
+
+        Args:
+            step: the step number; names the directory ``<directory>/<step>``.
+            state: pytree of ``jax.Array`` (e.g. a ``TrainState``).
+            data_state: JSON-serialisable data-iterator state, e.g. grain's
+                ``iterator.get_state()``; restored as the second item of :meth:`restore`.
+            config: JSON-serialisable run config, read back by :func:`load_config`.
+            force: save even if orbax's policy would skip this step (e.g. it is not
+                newer than the last saved step).
+
+        Returns:
+            Whether a save was started. ``False`` if orbax skipped the step or the step
+            directory already exists (a warning names it; it is never overwritten).
+
+        Raises:
+            TypeError: if ``data_state`` or ``config`` is not JSON-serialisable.
+        """
+        step = int(step)
+        _check_json("data_state", data_state)
+        _check_json("config", config)
+        if step in self.all_steps():
+            # Typically a step that restore() skipped as unreadable, then reached again
+            # after the fallback. Orbax would raise; we keep the old files for inspection.
+            logger.warning(
+                "not saving step %d: %s already exists and is never overwritten; "
+                "move it away by hand to save this step again",
+                step,
+                os.path.join(self.directory, str(step)),
+            )
+            return False
+        args = ocp.args.Composite(
+            **{
+                _STATE: ocp.args.StandardSave(state),
+                _DATA: ocp.args.JsonSave(data_state),
+                _CONFIG: ocp.args.JsonSave(config),
+            }
+        )
+        return bool(self._manager.save(step, args=args, force=force))
+
+    def latest_step(self) -> int | None:
+        """The newest finalized step on disk (possibly unreadable), or ``None``."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """All finalized steps on disk, oldest first (in-progress saves excluded)."""
+        return sorted(self._manager.all_steps())
+
+    def _restore_step(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict | None]:
+        args = ocp.args.Composite(
+            **{_STATE: ocp.args.StandardRestore(abstract_state), _DATA: ocp.args.JsonRestore()}
+        )
+        restored = self._manager.restore(step, args=args)
+        return restored[_STATE], restored[_DATA]
+
+    def restore(
+        self, abstract_state: PyTree, step: int | None = None
+    ) -> tuple[PyTree, dict | None, int]:
+        """Restores a step onto the shardings given by ``abstract_state``.
+
+        With ``step=None`` steps are tried newest first; a step that fails to restore
+        is logged as a warning (path and error) and the previous one is tried. (On
+        several hosts, a step must be unreadable for all of them alike, as it is on a
+        shared file system or bucket, or the hosts would pick different steps.)
+
+        Args:
+            abstract_state: pytree matching the saved state, of ``jax.ShapeDtypeStruct``
+                with ``.sharding`` set (e.g. ``jax.eval_shape(init)`` plus shardings, or
+                ``jax.tree.map(ocp.utils.to_shape_dtype_struct, state)``). Arrays come
+                back with exactly these shardings, whatever mesh they were saved from.
+            step: a specific step to restore, without fallback; ``None`` for the newest
+                readable one.
+
+        Returns:
+            ``(state, data_state, step)``; ``data_state`` is what was passed to
+            :meth:`save` (``None`` if nothing was).
+
+        Raises:
+            FileNotFoundError: if there is no checkpoint at all, or ``step`` is missing.
+            ValueError: if a leaf of ``abstract_state`` has no sharding.
+            RuntimeError: if no step (or the requested ``step``) could be restored.
+        """
+        _check_abstract_state(abstract_state)
+        # Finish our own pending saves, then pick up steps written since construction
+        # (e.g. by another Checkpointer on the same directory).
+        self._manager.wait_until_finished()
+        self._manager.reload()
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(
+                f"no checkpoint found in {self.directory}. Train first, e.g. "
+                f"`python -m train --config=... --workdir=...`, and point at the "
+                "workdir's checkpoint directory."
+            )
+        if step is not None:
+            step = int(step)
+            if step not in steps:
+                raise FileNotFoundError(
+                    f"no checkpoint for step {step} in {self.directory}; available steps: {steps}"
+                )
+            try:
+                return (*self._restore_step(step, abstract_state), step)
+            except Exception as e:
+                path = os.path.join(self.directory, str(step))
+                raise RuntimeError(f"could not restore checkpoint {path}: {e}") from e
+
+        errors = []
+        for candidate in reversed(steps):
+            path = os.path.join(self.directory, str(candidate))
+            try:
+                state, data_state = self._restore_step(candidate, abstract_state)
+            except Exception as e:  # Any failure means "unreadable": try an older step.
+                logger.warning(
+                    "could not restore checkpoint %s (%s: %s); trying the previous step. "
+                    "The directory is left untouched for inspection.",
+                    path,
+                    type(e).__name__,
+                    e,
+                )
+                errors.append(f"{path}: {type(e).__name__}: {e}")
+                continue
+            return state, data_state, candidate
+        raise RuntimeError(
+            f"none of the {len(steps)} checkpoints in {self.directory} could be restored "
+            "(does abstract_state match the saved state's structure, shapes and dtypes?). "
+            "Errors, newest first:\n" + "\n".join(errors)
+        )
+
+    def wait_until_finished(self) -> None:
+        """Blocks until all pending async saves are written and finalized."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases orbax's resources."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def load_config(directory: str | os.PathLike) -> dict | None:
+    """Reads the config stored with the newest step whose config is readable.
+
+    Args:
+        directory: the checkpoint directory given to :class:`Checkpointer`.
+
+    Returns:
+        The config dict, or ``None`` if the directory holds no checkpoint (or the
+        config saved with the newest readable step was ``None``).
+
+    Raises:
+        RuntimeError: if checkpoints exist but no step's config can be read.
+    """
+    path = _normalize_directory(directory)
+    if "://" not in path and not os.path.isdir(path):
+        return None
+    manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        steps = sorted(manager.all_steps())
+        errors = []
+        for step in reversed(steps):
+            try:
+                args = ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
+                return manager.restore(step, args=args)[_CONFIG]
+            except Exception as e:  # Unreadable step: fall back as restore() does.
+                step_path = os.path.join(path, str(step))
+                logger.warning("could not read the config of %s (%s); trying older", step_path, e)
+                errors.append(f"{step_path}: {type(e).__name__}: {e}")
+        if errors:
+            raise RuntimeError(f"no readable config in {path}:\n" + "\n".join(errors))
+        return None
+    finally:
+        manager.close()

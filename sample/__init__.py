@@ -1,0 +1,1 @@
+"""``python -m sample``: the sampling entry point (see ``sample/__main__.py``)."""

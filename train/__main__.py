@@ -1,0 +1,31 @@
+"""Trains a diffusion model: ``python -m train [--config=train/configs/NAME.py] [--workdir=DIR]``.
+
+This file is intentionally short; the logic lives in :mod:`jaxdiff.training` so notebooks
+can call ``train_and_evaluate(config, workdir)`` directly. With no flags it trains the
+class-conditional digits model into ``runs/digits``.
+"""
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "digits.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Checkpoints, metrics and samples.")
+
+
+def main(argv):
+    """Runs the command; ``argv`` holds no positional arguments."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from jaxdiff.training import train_and_evaluate
+    from jaxdiff.utils.logs import quiet_library_logs
+
+    quiet_library_logs()
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    print(f"done: checkpoints and samples in {os.path.abspath(_WORKDIR.value)}")
+
+
+if __name__ == "__main__":
+    app.run(main)

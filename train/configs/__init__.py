@@ -1,0 +1,1 @@
+"""Experiment configs for ``python -m train --config=train/configs/NAME.py``."""

@@ -1,0 +1,55 @@
+"""Defaults shared by every experiment config; each config file overrides what it needs."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "digits"
+    c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.conditional = True
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "unet"
+
+    c.formulation = ml_collections.ConfigDict()
+    c.formulation.name = "edm"
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 200
+    c.optim.decay_steps = ml_collections.FieldReference(None, field_type=int)
+    c.optim.grad_clip = 1.0
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 1000
+    c.train.batch_size = 128
+    c.train.label_dropout = 0.1
+    c.train.ema_rates = (0.999,)
+    c.train.ema_warmup = True
+    c.train.log_every = 100
+    c.train.checkpoint_every = 1000
+    c.train.sample_every = 0  # 0: only at the end
+    c.train.keep_checkpoints = 3
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.solver = "heun"
+    c.sample.steps = 18
+    c.sample.sigma_min = 0.002
+    c.sample.sigma_max = 80.0
+    c.sample.rho = 7.0
+    c.sample.guidance = "cfg:2.0"
+    c.sample.grid_size = 64
+    c.sample.grid_scale = 1
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    return c
