@@ -93,7 +93,7 @@ def make_train_step(
             ema=update_ema(state.ema, params, state.step, ema_warmup),
             opt_state=opt_state,
         )
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         return new_state, metrics
 
     return train_step

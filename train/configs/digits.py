@@ -20,8 +20,9 @@ def get_config():
     c.formulation.sigma_data = 0.5
     c.optim.learning_rate = 2e-3
     c.optim.warmup_steps = 200
-    c.train.num_steps = 3000
-    c.train.batch_size = 128
+    # Sized for a 2-core CPU: ~140 ms a step, about 6 minutes in all.
+    c.train.num_steps = 2500
+    c.train.batch_size = 64
     c.train.ema_rates = (0.999,)
     c.train.log_every = 100
     c.train.checkpoint_every = 1000
