@@ -5,14 +5,16 @@ Reads pre-extracted latents from a tfds dataset with an ``image`` float feature 
 ``synthetic_latents`` needs no data and is meant for throughput runs.
 """
 
+import ml_collections
+
 from train.configs.common import base_config
 
 
 def get_config():
     c = base_config()
     c.data.name = "synthetic_latents"
-    c.model.name = "dit"
-    c.model.size = "B/2"
+    c.model.name = "dit-B/2"  # a size after "dit-" picks DiT.from_name("B/2")
+    c.model.attention_impl = ml_collections.FieldReference(None, field_type=str)  # "cudnn" on GPU
     c.formulation.name = "flow"
     c.optim.learning_rate = 1e-4
     c.optim.warmup_steps = 0

@@ -10,7 +10,7 @@ def get_config():
     c = base_config()
     c.data.name = "toy_gmm"
     c.model.name = "mlp"
-    c.model.width = 128
+    c.model.features = 128
     c.model.depth = 3
     c.formulation.name = "edm"
     c.formulation.sigma_data = 1.5
