@@ -5,12 +5,13 @@ of local batches. The pipeline is ``grain.MapDataset.range(num_steps).map(fetch)
 where ``fetch(step)`` computes the example indices of batch ``step`` with numpy and
 reads them in one call:
 
-* **Sharding.** With ``P`` processes each process owns the examples
-  ``process_index, process_index + P, ...`` (``len(source) // P`` of them, so every
-  process yields the same number of batches; the last ``len(source) % P`` are skipped).
-* **Shuffling.** Each epoch of a shard is a fresh permutation seeded by
-  ``(seed, epoch)``. Batches are cut from the concatenated epochs, so a batch may
+* **Shuffling.** Each epoch is a fresh permutation of all examples seeded by
+  ``(seed, epoch)``. Global batches are cut from the concatenated epochs, so a batch may
   straddle an epoch boundary and no example is ever dropped.
+* **Sharding.** With ``P`` processes, process ``p`` reads the contiguous slice
+  ``[p L, (p + 1) L)`` of each global batch (``L = global_batch_size // P``) and only
+  those examples. The global batch, assembled in process order, is the same for any
+  ``P``: multi-host runs match single-host ones and can resume on another topology.
 * **Checkpointing.** Batch ``step`` is a pure function of ``(seed, step)``, so the
   iterator state is just ``{"next_index": step}``: ``it.get_state()`` /
   ``it.set_state(state)`` resume the exact order, and
@@ -40,35 +41,49 @@ _ENDLESS_STEPS = 2**62
 
 
 class _BatchIndices:
-    """Maps a step number to the global example indices of this process's batch."""
+    """Maps a step number to the example indices of this process's part of the batch.
+
+    One global order serves every topology: epoch ``e`` is a permutation of all examples
+    drawn from ``(seed, e)``, global batch ``s`` is the next ``global_batch`` entries of
+    that stream, and process ``p`` reads the contiguous slice ``[p L, (p + 1) L)`` of it.
+    Assembled in process order, the global batch is therefore identical for any number of
+    processes, so runs are reproducible across topologies and can resume on another one.
+    """
 
     def __init__(
-        self, *, shard_len: int, batch_size: int, seed: int, shuffle: bool, shard: int, shards: int
+        self,
+        *,
+        num_examples: int,
+        global_batch: int,
+        seed: int,
+        shuffle: bool,
+        shard: int,
+        shards: int,
     ) -> None:
-        self._shard_len = shard_len
-        self._batch_size = batch_size
+        self._n = num_examples
+        self._global = global_batch
+        self._local = global_batch // shards
+        self._offset = shard * self._local
         self._seed = seed
         self._shuffle = shuffle
-        self._shard = shard
-        self._shards = shards
-        # A batch touches at most two epochs unless it is longer than the shard; a small
+        # A batch touches at most two epochs unless it is longer than the dataset; a small
         # cache avoids recomputing the permutation (per thread, grain prefetches batches
         # in parallel, so a couple of epochs can be live at once).
         self._order = functools.lru_cache(maxsize=4)(self._epoch_order)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if not self._shuffle:
-            return np.arange(self._shard_len)
-        return np.random.default_rng([self._seed, epoch]).permutation(self._shard_len)
+            return np.arange(self._n)
+        return np.random.default_rng([self._seed, epoch]).permutation(self._n)
 
     def __call__(self, step: int) -> np.ndarray:
-        pos = int(step) * self._batch_size + np.arange(self._batch_size)
-        epoch, offset = np.divmod(pos, self._shard_len)
-        local = np.empty(self._batch_size, dtype=np.int64)
+        pos = int(step) * self._global + self._offset + np.arange(self._local)
+        epoch, offset = np.divmod(pos, self._n)
+        out = np.empty(self._local, dtype=np.int64)
         for e in np.unique(epoch):
             mask = epoch == e
-            local[mask] = self._order(int(e))[offset[mask]]
-        return self._shard + self._shards * local
+            out[mask] = self._order(int(e))[offset[mask]]
+        return out
 
 
 def _resolve_processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -105,9 +120,10 @@ def make_iterator(
             when present), e.g. from :func:`get_dataset`.
         global_batch_size: Batch size summed over all processes.
         seed: Non-negative seed for the shuffle order (and ``random_transform``).
-        shuffle: Whether to reshuffle every epoch; if ``False``, shard order is kept.
-        num_epochs: Passes over the shard; ``None`` repeats forever. A finite run yields
-            ``num_epochs * (len(source) // process_count) // local_batch_size`` batches.
+        shuffle: Whether to reshuffle every epoch; if ``False``, source order is kept.
+        num_epochs: Passes over the data; ``None`` repeats forever. A finite run yields
+            ``num_epochs * len(source) // global_batch_size`` batches (epochs run into
+            each other inside a batch, as in the endless stream).
         process_index: This process; defaults to ``jax.process_index()``.
         process_count: Number of processes; defaults to ``jax.process_count()``.
         transform: Optional deterministic ``batch -> batch`` function applied to every
@@ -139,22 +155,19 @@ def make_iterator(
         )
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
-    local_batch = global_batch_size // process_count
-    shard_len = len(source) // process_count
-    if shard_len == 0:
-        raise ValueError(
-            f"source has {len(source)} examples, fewer than process_count={process_count}"
-        )
+    num_examples = len(source)
+    if num_examples == 0:
+        raise ValueError("source has no examples")
     if num_epochs is None:
         num_steps = _ENDLESS_STEPS
-    elif num_epochs < 1 or (num_steps := num_epochs * shard_len // local_batch) == 0:
+    elif num_epochs < 1 or (num_steps := num_epochs * num_examples // global_batch_size) == 0:
         raise ValueError(
-            f"num_epochs={num_epochs} over a shard of {shard_len} examples gives no full "
-            f"local batch of {local_batch}; use num_epochs=None or a smaller batch"
+            f"num_epochs={num_epochs} over {num_examples} examples gives no full global "
+            f"batch of {global_batch_size}; use num_epochs=None or a smaller batch"
         )
     indices = _BatchIndices(
-        shard_len=shard_len,
-        batch_size=local_batch,
+        num_examples=num_examples,
+        global_batch=global_batch_size,
         seed=seed,
         shuffle=shuffle,
         shard=process_index,
