@@ -1,15 +1,50 @@
-"""Guidance by name for configs and the command line: ``"cfg:2.0"``, ``"cfg:scale=2.0"``."""
+"""Guidance by name for configs and the command line: ``"cfg:2.0"``, ``"apg:scale=3,eta=0"``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+from jaxdiff.guidance.ag import ag
+from jaxdiff.guidance.apg import apg
+from jaxdiff.guidance.autoguidance import autoguidance
 from jaxdiff.guidance.base import Guidance
 from jaxdiff.guidance.cfg import cfg
+from jaxdiff.guidance.cfg_zero_star import cfg_zero_star
+from jaxdiff.guidance.cfgpp import cfgpp
+from jaxdiff.guidance.classifier import classifier_guidance
+from jaxdiff.guidance.elucd import elucd
+from jaxdiff.guidance.gfcg import gfcg
+from jaxdiff.guidance.interval import interval
+from jaxdiff.guidance.minority import minority
+from jaxdiff.guidance.perturbed import pag, slg
+from jaxdiff.guidance.rescale import rescale
 
-GUIDANCE: dict[str, Callable[..., Guidance]] = {"cfg": cfg}
-"""Guidance factories by name; the first positional value of a spec is their first argument."""
+GUIDANCE: dict[str, Callable[..., Guidance]] = {
+    "cfg": cfg,
+    "interval": interval,
+    "rescale": rescale,
+    "cfg_rescale": rescale,
+    "apg": apg,
+    "ag": ag,
+    "autoguidance": autoguidance,
+    "classifier": classifier_guidance,
+    "elucd": elucd,
+    "gfcg": gfcg,
+    "minority": minority,
+    "cfgpp": cfgpp,
+    "cfg++": cfgpp,
+    "cfg_zero_star": cfg_zero_star,
+    "cfgzero*": cfg_zero_star,
+    "pag": pag,
+    "slg": slg,
+}
+"""Guidance factories by name; the first positional value of a spec is their first argument.
+
+``autoguidance``, ``classifier``, ``elucd``, ``gfcg`` and ``minority`` also need a second
+network or a classifier (a Python callable), so from a string alone they raise a clear
+error; build them in Python.
+"""
 
 
 def _parse_value(text: str) -> Any:
@@ -20,16 +55,20 @@ def _parse_value(text: str) -> Any:
             pass
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
+    if text.lower() == "none":
+        return None
     return text
 
 
 def parse_guidance(spec: str | None) -> Guidance | None:
     """Builds a guidance from ``NAME[:value][,key=value...]``; ``"none"`` or "" gives None.
 
-    Examples: ``"cfg:2.0"``, ``"cfg:scale=1.5"``.
+    Values parse as int, float, bool (``true``/``false``), None (``none``) or a string.
+    Examples: ``"cfg:2.0"``, ``"interval:2,sigma_lo=0.28,sigma_hi=1.61"``,
+    ``"apg:scale=3,eta=0,beta=-0.5,r=none"``, ``"ag:2,threshold=0.99"``.
 
     Raises:
-        ValueError: for an unknown name or malformed arguments.
+        ValueError: for an unknown name or malformed or missing arguments.
     """
     if spec is None or spec.strip().lower() in ("", "none"):
         return None
