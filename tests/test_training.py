@@ -21,6 +21,7 @@ def _leaves_equal(a, b):
 
 def test_twenty_steps_lower_the_loss(tmp_path):
     config = tiny_config(20)
+    config.sample.grid_size = 8
     exp = build_experiment(config)
     ckpt = Checkpointer(tmp_path / "unused")
     state0, _ = init_state(exp, ckpt)

@@ -5,6 +5,7 @@ can call ``train_and_evaluate(config, workdir)`` directly. With no flags it trai
 class-conditional digits model into ``runs/digits``.
 """
 
+import logging
 import os
 
 from absl import app, flags
@@ -13,16 +14,34 @@ from ml_collections import config_flags
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "digits.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Checkpoints, metrics and samples.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for multi-process runs off TPU/SLURM."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (0-based).")
 
 
 def main(argv):
     """Runs the command; ``argv`` holds no positional arguments."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from jaxdiff.parallel import initialize_distributed
+
+    # Before any other JAX call: on TPU pods and SLURM everything is auto-detected.
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    import jax
+
     from jaxdiff.training import train_and_evaluate
     from jaxdiff.utils.logs import quiet_library_logs
 
     quiet_library_logs()
+    logging.getLogger("jaxdiff").info(
+        "process %d of %d: %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     print(f"done: checkpoints and samples in {os.path.abspath(_WORKDIR.value)}")
 

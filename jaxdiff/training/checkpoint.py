@@ -238,6 +238,14 @@ class Checkpointer:
             "Errors, newest first:\n" + "\n".join(errors)
         )
 
+    def reached_preemption(self, step: int) -> bool:
+        """True once a preemption notice reached this job (orbax's multi-host sync point).
+
+        On TPU the distributed runtime turns the preemption signal into a notice that every
+        process sees at the same ``step``, so all of them save together.
+        """
+        return bool(self._manager.reached_preemption(step))
+
     def wait_until_finished(self) -> None:
         """Blocks until all pending async saves are written and finalized."""
         self._manager.wait_until_finished()

@@ -9,6 +9,7 @@ step count and the same data order.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,32 @@ log = logging.getLogger(__name__)
 
 RUN_KEY = "_run"
 """Key of the run metadata (classes, sample shape) stored in the checkpoint's config."""
+
+
+class StopSignal:
+    """Records SIGTERM/SIGINT so the loop can checkpoint and exit cleanly.
+
+    Installed only in the main thread (Python's rule for signal handlers); the previous
+    handlers come back on :meth:`restore`.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.received: int | None = None
+        self._previous = {}
+        for sig in signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _handle(self, signum, frame):
+        del frame
+        self.received = signum
+
+    def restore(self) -> None:
+        """Puts the previous handlers back."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _check_finite(metrics: dict[str, float], step: int, ckpt: Checkpointer) -> None:
@@ -91,6 +118,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         exp.mesh,
     )
     key = jax.random.key(config.seed)
+    # One process: catch SIGTERM ourselves. Several: a local flag could make processes stop
+    # at different steps, so only orbax's synchronised preemption notice is used.
+    stop = StopSignal(signals=(signal.SIGTERM,) if jax.process_count() == 1 else ())
+    try:
+        state = _run_steps(config, exp, state, start, step_fn, key, ckpt, writer, workdir, stop)
+    finally:
+        stop.restore()
+        ckpt.wait_until_finished()
+        writer.flush()
+        writer.close()
+    return state
+
+
+def _run_steps(config, exp, state, start, step_fn, key, ckpt, writer, workdir, stop):
+    """The step loop of :func:`train_and_evaluate`; returns the last state."""
+    tc = config.train
+    saved_config = {**config.to_dict(), RUN_KEY: run_metadata(exp)}
     bar = progress(tc.num_steps, start)
     window: list[dict[str, jax.Array]] = []
     t_last, step_last = time.perf_counter(), start
@@ -109,15 +153,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             t_last, step_last = time.perf_counter(), step
             writer.write_scalars(step, scalars)
             bar.update(step, loss=scalars["loss"])
-        if is_last or (tc.sample_every and step % tc.sample_every == 0):
+        wants_grid = is_last or (tc.sample_every and step % tc.sample_every == 0)
+        if wants_grid and config.sample.grid_size > 0:
             maybe_write_samples(exp, state, step, workdir)
-        if step % tc.checkpoint_every == 0 or is_last:
-            saved_config = {**config.to_dict(), RUN_KEY: run_metadata(exp)}
+        preempted = stop.received is not None or ckpt.reached_preemption(step)
+        if step % tc.checkpoint_every == 0 or is_last or preempted:
+            if preempted:  # metrics since the last log step were not checked yet
+                _check_finite(_mean_metrics(window) if window else {}, step, ckpt)
             ckpt.save(step, state, data_state=exp.data.get_state(), config=saved_config)
+        if preempted:
+            log.warning("stopping at step %d on a preemption signal; rerun to resume", step)
+            break
     bar.close()
-    ckpt.wait_until_finished()
-    writer.flush()
-    writer.close()
     return state
 
 

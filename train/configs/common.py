@@ -52,4 +52,5 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    c.mesh.num_devices = -1  # -1: all devices
     return c
