@@ -242,3 +242,30 @@ def test_mesh_errors_name_the_fix():
         make_mesh(data=3)
     with pytest.raises(ValueError, match="num_devices=9"):
         make_mesh(num_devices=9)
+
+
+def test_dit_fsdp_tensor_step_equals_single_device(tmp_path):
+    def run(mesh_kw):
+        c = tiny_config(2)
+        c.model = type(c.model)(
+            dict(name="dit", patch_size=2, hidden_size=32, depth=2, num_heads=4)
+        )
+        c.mesh.update(mesh_kw)
+        exp = build_experiment(c)
+        state, _ = init_state(exp, Checkpointer(tmp_path / "none"))
+        step_fn = jit_train_step(
+            make_train_step(exp.model, exp.formulation, exp.tx, num_classes=10),
+            exp.state_shardings,
+            exp.mesh,
+        )
+        losses = []
+        for _ in range(2):
+            batch = global_batch(exp.to_model_batch(next(exp.data)), exp.mesh)
+            state, m = step_fn(state, batch, jax.random.key(0))
+            losses.append(float(m["loss"]))
+        return exp, losses
+
+    exp, sharded = run(dict(data=2, fsdp=2, tensor=2))
+    assert exp.model.activation_sharding is not None  # activations pinned between blocks
+    _, single = run(dict(num_devices=1))
+    np.testing.assert_allclose(sharded, single, rtol=1e-5)

@@ -190,6 +190,10 @@ class DiT(nn.Module):
       pag_layers: Block indices perturbed by ``"pag"``; None = the middle block.
       skip_layers: Block indices skipped by ``"slg"``; None = the middle block.
       remat: Rematerialise each block in the backward pass (saves memory).
+      activation_sharding: Optional ``jax.sharding.Sharding`` for the ``[B, T, D]``
+        activations between blocks (e.g. batch over ``('data', 'fsdp')``, the rest
+        replicated). With FSDP or tensor parallelism it stops XLA from resharding
+        activations to follow the sharded weights; None leaves placement to XLA.
       dtype: Compute dtype.
       param_dtype: Parameter dtype.
     """
@@ -208,6 +212,7 @@ class DiT(nn.Module):
     pag_layers: tuple[int, ...] | None = None
     skip_layers: tuple[int, ...] | None = None
     remat: bool = False
+    activation_sharding: Any = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -300,6 +305,8 @@ class DiT(nn.Module):
             if i in skip and not self.is_initializing():
                 continue  # skip-layer guidance: the block is the identity
             h = block(h, c, not train, i in pag)
+            if self.activation_sharding is not None:
+                h = jax.lax.with_sharding_constraint(h, self.activation_sharding)
 
         # Final layer: adaLN (shift, scale) then a zero-initialised linear map.
         shift, scale = jnp.split(

@@ -19,8 +19,9 @@ from jaxdiff.data import get_dataset, make_iterator
 from jaxdiff.diffusion import Formulation, get_formulation, karras_sigmas
 from jaxdiff.generate import make_generate_fn, sample_keys_for
 from jaxdiff.guidance import parse_guidance
-from jaxdiff.models import create_model
+from jaxdiff.models import DiT, create_model
 from jaxdiff.parallel import (
+    batch_sharding,
     batch_size_per_device_check,
     make_mesh,
     param_shardings,
@@ -133,10 +134,14 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     )
     model, formulation, tx = build_model_parts(config, num_classes)
     sample_shape = tuple(info.image_shape)
+    plain_model = model
+    if isinstance(model, DiT) and (mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1):
+        # Keep transformer activations batch-sharded between blocks (see DiT's docstring).
+        model = model.clone(activation_sharding=batch_sharding(mesh))
     init_fn, state_shardings = make_state_fns(
-        model, tx, mesh, sample_shape, num_classes, tuple(tc.ema_rates)
+        plain_model, tx, mesh, sample_shape, num_classes, tuple(tc.ema_rates)
     )
-    sample_grid = _make_grid_fn(config, model, formulation, num_classes, sample_shape)
+    sample_grid = _make_grid_fn(config, plain_model, formulation, num_classes, sample_shape)
     return Experiment(
         mesh=mesh,
         model=model,
