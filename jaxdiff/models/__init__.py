@@ -1,9 +1,10 @@
-"""Flax linen denoiser backbones: U-Net, DiT and MLP.
+"""Flax linen denoiser backbones (U-Net, DiT, MLP) and the digits classifier.
 
-All models share one call signature,
-``model.apply(variables, x, noise_label, cond=None, *, train=False, variant=None)``,
-return float32 arrays shaped like ``x``, and name every parameter axis with a word from
-:data:`LOGICAL_AXES`.
+The denoisers share one call signature,
+``model.apply(variables, x, noise_label, cond=None, *, train=False, variant=None)``, and
+return float32 arrays shaped like ``x``; :class:`Classifier` maps
+``(x, noise_label=None)`` to class logits (see :mod:`jaxdiff.models.classifier`). Every
+parameter axis is named with a word from :data:`LOGICAL_AXES`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from jaxdiff.models.classifier import Classifier
 from jaxdiff.models.dit import DIT_CONFIGS, DiT, dit_config
 from jaxdiff.models.layers import LOGICAL_AXES, VARIANTS
 from jaxdiff.models.mlp import MLP
@@ -49,6 +51,7 @@ __all__ = [
     "MLP",
     "MODELS",
     "VARIANTS",
+    "Classifier",
     "DiT",
     "UNet",
     "create_model",

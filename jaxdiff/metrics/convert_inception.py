@@ -1,0 +1,119 @@
+r"""Converts pytorch-fid's FID Inception weights (``.pth``) into jaxdiff's ``.npz``.
+
+Run once, on any machine with PyTorch (torch is imported only here, lazily; it is not a
+jaxdiff dependency)::
+
+    # 1. the standard FID weights (TF's 2015-12-05 Inception, ported by pytorch-fid)
+    curl -LO https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
+    # 2. convert (prints the SHA-256; also written to fid_inception.npz.sha256)
+    pip install torch
+    python -m jaxdiff.metrics.convert_inception \
+        --pth=pt_inception-2015-12-05-6726825d.pth --out=fid_inception.npz
+    # 3. point jaxdiff at it
+    export JAXDIFF_INCEPTION_WEIGHTS=$PWD/fid_inception.npz
+
+Name mapping, torch state-dict key -> ``.npz`` key, where ``X`` is a module path such as
+``Mixed_5b.branch5x5_1`` whose dots become slashes:
+
+* ``X.conv.weight`` ``[O, I, kh, kw]`` -> ``params/X/conv/kernel`` ``[kh, kw, I, O]``;
+* ``X.bn.weight`` -> ``params/X/bn/scale``; ``X.bn.bias`` -> ``params/X/bn/bias``;
+* ``X.bn.running_mean`` -> ``batch_stats/X/bn/mean``;
+  ``X.bn.running_var`` -> ``batch_stats/X/bn/var``;
+* ``X.bn.num_batches_tracked``, ``fc.*`` (the 1008-way logits) and ``AuxLogits.*`` are
+  dropped: pool3 does not use them.
+
+Every expected variable must be present with the right shape, or the converter stops.
+The output is byte-deterministic, so the same ``.pth`` always yields the same SHA-256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxdiff.metrics.inception import save_inception_variables
+from jaxdiff.metrics.weights import file_sha256, unflatten_tree
+
+_IGNORED_PREFIXES = ("fc.", "AuxLogits.")
+_BN_NAMES = {
+    "weight": ("params", "scale"),
+    "bias": ("params", "bias"),
+    "running_mean": ("batch_stats", "mean"),
+    "running_var": ("batch_stats", "var"),
+}
+
+
+def convert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Maps a pytorch-fid Inception state dict to jaxdiff Inception variables.
+
+    Args:
+      state_dict: Torch key -> array (torch tensors or numpy arrays).
+
+    Returns:
+      ``{"params": ..., "batch_stats": ...}`` of float32 numpy arrays.
+
+    Raises:
+      ValueError: On a key this mapping does not know.
+    """
+    flat: dict[str, np.ndarray] = {}
+    for key, value in state_dict.items():
+        if key.startswith(_IGNORED_PREFIXES) or key.endswith("num_batches_tracked"):
+            continue
+        arr = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+        arr = arr.astype(np.float32)
+        *module, layer, leaf = key.split(".")
+        path = "/".join(module)
+        if layer == "conv" and leaf == "weight":
+            flat[f"params/{path}/conv/kernel"] = np.ascontiguousarray(arr.transpose(2, 3, 1, 0))
+        elif layer == "bn" and leaf in _BN_NAMES:
+            collection, name = _BN_NAMES[leaf]
+            flat[f"{collection}/{path}/bn/{name}"] = arr
+        else:
+            raise ValueError(f"unexpected key {key!r} in the Inception state dict")
+    return unflatten_tree(flat)
+
+
+def convert(pth: str, out: str) -> str:
+    """Reads the ``.pth`` with torch, converts it and writes ``out`` (+ ``out.sha256``).
+
+    Args:
+      pth: Path of ``pt_inception-2015-12-05-6726825d.pth``.
+      out: Output ``.npz`` path.
+
+    Returns:
+      The SHA-256 of the written file.
+
+    Raises:
+      ImportError: If torch is not installed (with the install command).
+    """
+    try:
+        import torch  # noqa: PLC0415 - optional, converter-only dependency
+    except ImportError as err:
+        raise ImportError(
+            "the converter needs PyTorch to read the .pth: `pip install torch` "
+            "(CPU build is enough); jaxdiff itself does not need it"
+        ) from err
+    state_dict = torch.load(pth, map_location="cpu", weights_only=True)
+    return save_inception_variables(out, convert_state_dict(state_dict))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; see the module docstring."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pth", required=True, help="pt_inception-2015-12-05-6726825d.pth")
+    parser.add_argument("--out", required=True, help="output .npz")
+    args = parser.parse_args(argv)
+    print(f"source {args.pth}: SHA-256 {file_sha256(args.pth)}")
+    digest = convert(args.pth, args.out)
+    print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes), SHA-256 {digest}")
+    print(f"use it with: export JAXDIFF_INCEPTION_WEIGHTS={os.path.abspath(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

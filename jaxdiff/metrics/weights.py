@@ -1,0 +1,160 @@
+"""Named-array weight files: deterministic ``.npz`` writing and SHA-256-checked loading.
+
+Feature networks (the Inception FID network, the digits classifier) and reference
+statistics are stored as plain ``.npz`` archives of named arrays, readable with
+``numpy.load`` and no pickle. A variable tree is flattened to ``"/"``-joined keys
+(``"params/Mixed_5b/branch1x1/conv/kernel"``).
+
+:func:`save_arrays` writes the archive byte-for-byte deterministically (sorted keys, fixed
+zip timestamps, little-endian arrays, no compression), so the same arrays always give the
+same file and the same SHA-256: a checksum pinned in the code identifies the content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+class ChecksumMismatchError(ValueError):
+    """A weights file's SHA-256 is not the expected one."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Returns the hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: str | os.PathLike, expected: str | None, *, what: str = "file") -> str:
+    """Checks a file's SHA-256.
+
+    Args:
+      path: The file.
+      expected: Expected hex digest (case-insensitive), or None to skip the check.
+      what: What the file is, for the error message.
+
+    Returns:
+      The actual hex digest.
+
+    Raises:
+      ChecksumMismatchError: Naming the path and both digests.
+    """
+    actual = file_sha256(path)
+    if expected is not None and actual != expected.lower():
+        raise ChecksumMismatchError(
+            f"{what} {os.fspath(path)!r} has SHA-256 {actual}, expected {expected.lower()}: "
+            "the file is corrupt, truncated or a different version. Re-create it, or pass "
+            "expected_sha256=<its hash> (or None to skip the check) if you trust it."
+        )
+    return actual
+
+
+def flatten_tree(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    """Flattens nested dicts of arrays into ``{"a/b/c": array}``.
+
+    Args:
+      tree: Nested mappings with array leaves (e.g. unboxed Flax variables).
+      prefix: Key prefix (used in the recursion).
+
+    Returns:
+      A flat dict of numpy arrays.
+
+    Raises:
+      ValueError: If a key contains ``"/"``.
+    """
+    flat: dict[str, np.ndarray] = {}
+    for key, value in tree.items():
+        if "/" in str(key):
+            raise ValueError(f"key {key!r} contains '/', which separates levels")
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_tree(value, name + "/"))
+        else:
+            flat[name] = np.asarray(value)
+    return flat
+
+
+def unflatten_tree(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Inverse of :func:`flatten_tree`: ``{"a/b": x}`` -> ``{"a": {"b": x}}``."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def save_arrays(path: str | os.PathLike, arrays: Mapping[str, Any]) -> str:
+    """Writes named arrays as a deterministic, uncompressed ``.npz``; returns its SHA-256.
+
+    The archive is a standard numpy ``.npz`` (``numpy.load`` reads it); it is written
+    to a temporary file and moved into place, so readers never see a partial file.
+
+    Args:
+      path: Output path (used as given: no ``.npz`` is appended).
+      arrays: Names to arrays (or array-likes; strings become 0-d unicode arrays).
+
+    Returns:
+      The hex SHA-256 of the written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name in sorted(arrays):
+                arr = np.asarray(arrays[name])  # write_array stores C order; 0-d stays 0-d
+                if arr.dtype.byteorder == ">":
+                    arr = arr.astype(arr.dtype.newbyteorder("<"))
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+                info.external_attr = 0o644 << 16
+                with zf.open(info, "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, arr, allow_pickle=False)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; use the usual mode
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return file_sha256(path)
+
+
+def load_arrays(
+    path: str | os.PathLike, *, expected_sha256: str | None = None, what: str = "weights file"
+) -> dict[str, np.ndarray]:
+    """Reads an ``.npz`` of named arrays, optionally checking its SHA-256 first.
+
+    Args:
+      path: The file.
+      expected_sha256: Expected hex digest, or None to skip the check.
+      what: What the file is, for error messages.
+
+    Returns:
+      Names to numpy arrays (pickled objects are refused).
+
+    Raises:
+      FileNotFoundError: If the file does not exist.
+      ChecksumMismatchError: If the digest differs from ``expected_sha256``.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {os.fspath(path)!r} does not exist")
+    verify_sha256(path, expected_sha256, what=what)
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
