@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from jaxdiff.diffusion import Formulation
-from jaxdiff.generate import make_generate_fn, sample_keys_for
+from jaxdiff.generate import make_generate_fn, model_denoiser, sample_keys_for
 from jaxdiff.guidance import Guidance
 from jaxdiff.parallel import make_mesh
 from jaxdiff.samplers import Solver
@@ -94,6 +94,69 @@ def load_run(workdir: str | Path, *, ema: str | None = "default") -> TrainedMode
     else:
         raise ValueError(f"EMA rate {ema!r} not in this run: it kept {sorted(state.ema)}")
     return TrainedModel(config, model, formulation, params, num_classes, shape, step)
+
+
+def _classifier_fns(path: str | None):
+    from jaxdiff.metrics.classifier import load_classifier, noisy_classifier_inputs
+
+    clf = load_classifier(path)
+
+    def logits_fn(x0):
+        return clf.logits(x0)
+
+    def log_prob_fn(x, sigma, y):
+        x_in, label = noisy_classifier_inputs(x, sigma)
+        logp = jax.nn.log_softmax(clf.logits(x_in, label))
+        return jnp.take_along_axis(logp, jnp.asarray(y)[:, None], axis=1)[:, 0]
+
+    return clf, logits_fn, log_prob_fn
+
+
+def build_guidance(spec: str | None, run: TrainedModel) -> Guidance | None:
+    """Builds any guidance from a ``--guidance`` string for a trained run.
+
+    Beyond :func:`jaxdiff.guidance.parse_guidance`, this resolves what some methods need:
+
+    * ``autoguidance:2.0,guide=WORKDIR`` loads the weaker guiding model from another
+      run's workdir (``guide_ema=RATE|none`` picks its params);
+    * ``classifier:1.0,classifier=PATH`` and ``minority:...,classifier=PATH`` use a
+      noise-aware classifier file (``python -m jaxdiff.metrics.classifier --noise_aware``);
+    * ``elucd:...`` and ``gfcg:...`` use a clean classifier on x0; ``classifier=PATH``
+      defaults to the shipped digits classifier.
+
+    Raises:
+        ValueError: for an unknown method, bad arguments, or a missing ``guide=``.
+    """
+    from jaxdiff.guidance.registry import build, split_spec
+
+    if spec is None or spec.strip().lower() in ("", "none"):
+        return None
+    name, args, kwargs = split_spec(spec)
+    if name == "autoguidance":
+        guide = kwargs.pop("guide", None)
+        if guide is None:
+            raise ValueError(
+                f"{spec!r}: autoguidance needs the guiding run, e.g. "
+                "'autoguidance:2.0,guide=runs/digits_small'"
+            )
+        ema = kwargs.pop("guide_ema", "default")
+        bad = load_run(str(guide), ema=None if ema is None or ema == "none" else str(ema))
+        kwargs["guide_denoise"] = model_denoiser(bad.model, bad.formulation, bad.params)
+    elif name in ("classifier", "minority", "elucd", "gfcg"):
+        path = kwargs.pop("classifier", None)
+        clf, logits_fn, log_prob_fn = _classifier_fns(None if path is None else str(path))
+        if name in ("classifier", "minority"):
+            if not clf.model.noise_conditioned:
+                raise ValueError(
+                    f"{spec!r} needs a noise-aware classifier: train one with `python -m "
+                    "jaxdiff.metrics.classifier --noise_aware --out=PATH`, then add "
+                    "classifier=PATH"
+                )
+            kwargs["log_prob_fn"] = log_prob_fn
+        else:
+            kwargs["logits_fn"] = logits_fn
+    del run  # the run fixes nothing else today; kept so methods can read its config
+    return build(name, args, kwargs, spec)
 
 
 def parse_labels(spec: str | None, num: int, num_classes: int) -> np.ndarray:

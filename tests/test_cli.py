@@ -98,3 +98,54 @@ def test_parse_labels_errors():
         parse_labels("11", 2, 10)
     with pytest.raises(ValueError, match="integers"):
         parse_labels("a,b", 2, 10)
+
+
+def test_sample_cli_eval_prints_metrics(trained, tmp_path):
+    res = _cli(
+        "sample",
+        f"--workdir={trained}",
+        "--steps=3",
+        "--num=24",
+        "--batch_size=8",
+        "--eval=fd_digits",
+        f"--out={tmp_path / 'g.png'}",
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = next(x for x in res.stdout.splitlines() if x.startswith("{"))
+    import json
+
+    scores = json.loads(line)
+    assert scores["num"] == 24 and scores["nfe"] == 10
+    for key in ("fd_digits", "precision", "recall", "class_accuracy"):
+        assert np.isfinite(scores[key]), key
+
+
+def test_every_guidance_is_reachable_from_a_spec(trained):
+    from jaxdiff.guidance import GUIDANCE
+    from jaxdiff.inference import build_guidance
+
+    run = load_run(trained)
+    extra = {
+        "autoguidance": f",guide={trained}",
+        "classifier": None,  # needs a noise-aware classifier file: checked below
+        "minority": None,
+    }
+    for name in GUIDANCE:
+        if extra.get(name, "") is None:
+            continue
+        g = build_guidance(f"{name}:1.5{extra.get(name, '')}", run)
+        assert g is not None, name
+    with pytest.raises(ValueError, match="noise-aware"):
+        build_guidance("classifier:1.0", run)
+    with pytest.raises(ValueError, match="guide="):
+        build_guidance("autoguidance:2.0", run)
+    x, _ = generate_samples(
+        run,
+        num=4,
+        solver=heun(),
+        sigmas=karras_sigmas(3),
+        guidance=build_guidance(f"autoguidance:2.0,guide={trained}", run),
+        labels=parse_labels(None, 4, 10),
+        seed=0,
+    )
+    assert np.all(np.isfinite(x))

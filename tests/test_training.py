@@ -101,3 +101,18 @@ def test_label_dropout_uses_the_null_class():
     assert 0.2 < frac < 0.3
     np.testing.assert_array_equal(np.where(dropped != 10, dropped, labels), labels)
     assert drop_labels(jax.random.key(0), labels, 10, 0.0) is labels
+
+
+def test_in_loop_evaluation_writes_metrics(tmp_path):
+    config = tiny_config(4)
+    config.eval.name = "fd_digits"
+    config.eval.every = 2
+    config.eval.num = 32
+    config.eval.batch_size = 16
+    train_and_evaluate(config, tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "eval/fd_digits" in x]
+    assert [x["step"] for x in evals] == [2, 4]
+    assert all(
+        np.isfinite(x["eval/fd_digits"]) and 0 <= x["eval/class_accuracy"] <= 1 for x in evals
+    )

@@ -60,18 +60,12 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-def parse_guidance(spec: str | None) -> Guidance | None:
-    """Builds a guidance from ``NAME[:value][,key=value...]``; ``"none"`` or "" gives None.
-
-    Values parse as int, float, bool (``true``/``false``), None (``none``) or a string.
-    Examples: ``"cfg:2.0"``, ``"interval:2,sigma_lo=0.28,sigma_hi=1.61"``,
-    ``"apg:scale=3,eta=0,beta=-0.5,r=none"``, ``"ag:2,threshold=0.99"``.
+def split_spec(spec: str) -> tuple[str, list[Any], dict[str, Any]]:
+    """Splits ``NAME[:value][,key=value...]`` into ``(name, args, kwargs)``.
 
     Raises:
-        ValueError: for an unknown name or malformed or missing arguments.
+        ValueError: for an unknown name or a positional value after a keyword.
     """
-    if spec is None or spec.strip().lower() in ("", "none"):
-        return None
     name, _, rest = spec.partition(":")
     name = name.strip().lower()
     if name not in GUIDANCE:
@@ -85,7 +79,29 @@ def parse_guidance(spec: str | None) -> Guidance | None:
             raise ValueError(f"positional value {item!r} after key=value in guidance {spec!r}")
         else:
             args.append(_parse_value(item))
+    return name, args, kwargs
+
+
+def build(name: str, args: list[Any], kwargs: dict[str, Any], spec: str) -> Guidance:
+    """Calls the factory of ``name``; a bad argument becomes a ValueError naming ``spec``."""
     try:
         return GUIDANCE[name](*args, **kwargs)
     except TypeError as err:
         raise ValueError(f"bad arguments for guidance {name!r} in {spec!r}: {err}") from err
+
+
+def parse_guidance(spec: str | None) -> Guidance | None:
+    """Builds a guidance from ``NAME[:value][,key=value...]``; ``"none"`` or "" gives None.
+
+    Values parse as int, float, bool (``true``/``false``), None (``none``) or a string.
+    Examples: ``"cfg:2.0"``, ``"interval:2,sigma_lo=0.28,sigma_hi=1.61"``,
+    ``"apg:scale=3,eta=0,beta=-0.5,r=none"``, ``"ag:2,threshold=0.99"``. Methods that need a
+    second network or a classifier are built from a trained run by
+    :func:`jaxdiff.inference.build_guidance` (``guide=WORKDIR``, ``classifier=PATH``).
+
+    Raises:
+        ValueError: for an unknown name or malformed or missing arguments.
+    """
+    if spec is None or spec.strip().lower() in ("", "none"):
+        return None
+    return build(*split_spec(spec), spec)

@@ -66,6 +66,7 @@ class Experiment:
     sample_grid: Callable[[TrainState], jax.Array]
     grid_scale: int
     seed: int
+    evaluate: Callable[[TrainState], dict[str, float]] | None = None
 
     def to_model_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Keeps the keys the train step reads (labels only for conditional models)."""
@@ -155,6 +156,9 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         sample_grid=sample_grid,
         grid_scale=int(config.sample.grid_scale),
         seed=int(config.seed),
+        evaluate=_make_eval_fn(
+            config, plain_model, formulation, mesh, num_classes, sample_shape, state_shardings
+        ),
     )
 
 
@@ -239,6 +243,38 @@ def _make_grid_fn(config, model, formulation, num_classes, sample_shape):
         return images
 
     return sample_grid
+
+
+def _make_eval_fn(config, model, formulation, mesh, num_classes, sample_shape, shardings):
+    """In-loop evaluation of the first EMA's samples, or None when ``config.eval`` is off."""
+    ec = config.get("eval")
+    if ec is None or not ec.name or not ec.every:
+        return None
+    from jaxdiff.metrics import get_evaluator, make_sample_and_evaluate_fn
+
+    kwargs = {"dataset": config.data.name} if ec.name == "toy" else {}
+    solver, sigmas, guidance = build_sampler_settings(config)
+    rate = ema_key(config.train.ema_rates[0]) if config.train.ema_rates else None
+    fn = make_sample_and_evaluate_fn(
+        model,
+        formulation,
+        get_evaluator(ec.name, **kwargs),
+        mesh=mesh,
+        num=int(ec.num),
+        solver=solver,
+        sigmas=sigmas,
+        guidance=guidance if num_classes else None,
+        sample_shape=sample_shape,
+        num_classes=num_classes,
+        batch_size=int(ec.batch_size),
+        param_shardings=shardings.ema[rate] if rate else shardings.params,
+    )
+
+    def evaluate(state: TrainState) -> dict[str, float]:
+        params = state.ema[rate] if rate else state.params
+        return fn(params, config.seed + 2).metrics
+
+    return evaluate
 
 
 def init_state(exp: Experiment, ckpt: Checkpointer) -> tuple[TrainState, int]:

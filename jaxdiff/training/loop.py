@@ -153,6 +153,9 @@ def _run_steps(config, exp, state, start, step_fn, key, ckpt, writer, workdir, s
             t_last, step_last = time.perf_counter(), step
             writer.write_scalars(step, scalars)
             bar.update(step, loss=scalars["loss"])
+        if exp.evaluate is not None and (step % config.eval.every == 0 or is_last):
+            scores = exp.evaluate(state)
+            writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
         wants_grid = is_last or (tc.sample_every and step % tc.sample_every == 0)
         if wants_grid and config.sample.grid_size > 0:
             maybe_write_samples(exp, state, step, workdir)

@@ -48,6 +48,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.grid_size = 64
     c.sample.grid_scale = 1
 
+    # In-loop evaluation: every `every` steps (0 = never), sample `num` images with the
+    # config.sample settings and the first EMA, evaluate with `name` (fd_digits, toy, fid).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.name = ""
+    c.eval.every = 0
+    c.eval.num = 1000
+    c.eval.batch_size = 500
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     c.mesh.fsdp = 1
