@@ -4,7 +4,10 @@ Eight CPU devices are forced *before* jax is imported anywhere, so every test ru
 exercises the sharded code paths (meshes, global arrays) that users hit on a TPU pod.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -12,6 +15,18 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Keep per-test-process memory small; two xdist workers share 24 GiB in CI.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+# Many tests compile the same tiny programs (model init, train step, sampler); a
+# persistent compilation cache turns every repeat into a load. The directory is fresh for
+# each test session (a compilation cache is trusted code, never shared across users or
+# runs), created by the first process and inherited through the environment by xdist
+# workers and by the CLI subprocesses the tests start.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="jaxdiff-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
