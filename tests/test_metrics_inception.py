@@ -155,7 +155,8 @@ def test_fid_reference_statistics_are_those_of_the_features(weights_file, variab
         get_evaluator("fid", inception_weights=path)
 
 
-@pytest.mark.slow  # a 2048-d eigendecomposition takes 5-15 s on a loaded 2-core CPU
+# The whole --eval=fid path (weights file -> features -> statistics -> distance); a 2048-d
+# eigendecomposition takes 5-15 s on a loaded 2-core CPU, acceptable in the default run.
 def test_fid_evaluator_matches_a_closed_form(weights_file, variables, tmp_path):
     path, _ = weights_file
     feats = np.asarray(FEATURES(variables, IMAGES), np.float64)
