@@ -40,6 +40,8 @@ def test_twenty_steps_lower_the_loss(tmp_path):
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    # Two separate runs of the same config and seed (one of them killed and resumed) give
+    # bit-identical losses and state: this is also the run-to-run determinism test.
     full = train_and_evaluate(tiny_config(10), tmp_path / "full")
     train_and_evaluate(tiny_config(5), tmp_path / "split")  # "killed" after step 5
     resumed = train_and_evaluate(tiny_config(10), tmp_path / "split")
