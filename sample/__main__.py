@@ -3,7 +3,8 @@
 Writes a PNG grid and an .npz of the samples (float32 in [-1, 1], with labels); with
 ``--eval=NAME`` it also prints metrics of the samples (e.g. ``fd_digits``, ``fid``, ``toy``).
 Each sample is seeded by its index, so the same seed gives the same images at any batch
-size or device count.
+size or device count. ``--student=S --switch_step=k`` samples the hybrid of diversity
+distillation: this run's first k steps, then the distilled student S.
 """
 
 import json
@@ -26,6 +27,10 @@ _SCALE = flags.DEFINE_integer("scale", None, "Grid upscaling (default: the run's
 _EVAL = flags.DEFINE_string("eval", None, "Evaluate the samples: fd_digits, fid or toy.")
 _FID_STATS = flags.DEFINE_string("fid_stats", None, "Reference .npz (mu, sigma) for --eval=fid.")
 _WEIGHTS = flags.DEFINE_string("inception_weights", None, "FID Inception weights file.")
+_STUDENT = flags.DEFINE_string(
+    "student", None, "Distilled student workdir: hybrid sampling, base first, student after."
+)
+_SWITCH = flags.DEFINE_integer("switch_step", 1, "Base-model steps before the student runs.")
 
 
 def main(argv):
@@ -53,7 +58,18 @@ def main(argv):
         seed=_SEED.value,
         batch_size=_BATCH.value,
     )
-    if _EVAL.value:
+    if _STUDENT.value:
+        from jaxdiff.distill.hybrid import hybrid_generate_samples
+
+        samples, nfe = hybrid_generate_samples(
+            run, load_run(_STUDENT.value), num=_NUM.value, switch_step=_SWITCH.value, **kw
+        )
+        if _EVAL.value:
+            from jaxdiff.metrics.evaluate import evaluate_samples
+
+            metrics = evaluate_samples(_EVAL.value, samples, labels)
+            print(json.dumps({"eval": _EVAL.value, "num": _NUM.value, "nfe": nfe, **metrics}))
+    elif _EVAL.value:
         from jaxdiff.metrics import sample_and_evaluate
         from jaxdiff.parallel import make_mesh
 

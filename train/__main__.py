@@ -42,7 +42,13 @@ def main(argv):
         jax.local_device_count(),
         jax.device_count(),
     )
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    if config.get("method") == "distill":
+        from jaxdiff.distill.loop import distill_and_evaluate
+
+        distill_and_evaluate(config, _WORKDIR.value)
+    else:
+        train_and_evaluate(config, _WORKDIR.value)
     print(f"done: checkpoints and samples in {os.path.abspath(_WORKDIR.value)}")
 
 

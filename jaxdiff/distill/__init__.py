@@ -1,1 +1,55 @@
-"""jaxdiff.distill."""
+"""Distillation of diffusion models: f-distill / DMD2, discriminator pools, few-step students.
+
+Pure losses and step builders live one concept per module:
+
+* :mod:`~jaxdiff.distill.divergences`: ``h(r)`` and ``f`` per f-divergence;
+* :mod:`~jaxdiff.distill.ratio`: density ratio and the two-stage weight normalisation;
+* :mod:`~jaxdiff.distill.losses`: VSD (weighted DMD), DMD2 reference, GAN, R1;
+* :mod:`~jaxdiff.distill.heads`, :mod:`~jaxdiff.distill.pool`: discriminator heads and pools;
+* :mod:`~jaxdiff.distill.features`: UNet denoise-and-features functions;
+* :mod:`~jaxdiff.distill.few_step`: backward simulation, bottom-up refinement, sampling;
+* :mod:`~jaxdiff.distill.fdistill`: generator/critic losses and sharded steps;
+* :mod:`~jaxdiff.distill.hybrid`: diversity distillation's hybrid sampler;
+* :mod:`~jaxdiff.distill.loop`: ``distill_and_evaluate(config, workdir)``.
+"""
+
+from jaxdiff.distill.divergences import DIVERGENCES, generator_f, weighting
+from jaxdiff.distill.fdistill import (
+    DistillState,
+    FDistillConfig,
+    Nets,
+    critic_loss,
+    generator_loss,
+    is_generator_step,
+    jit_steps,
+    make_steps,
+)
+from jaxdiff.distill.few_step import backward_simulate, few_step_sample, student_sigmas
+from jaxdiff.distill.hybrid import hybrid_sample
+from jaxdiff.distill.losses import dmd2_loss, gan_d_loss, gan_g_loss, vsd_loss
+from jaxdiff.distill.ratio import density_ratio, f_weights, time_bin_normalize
+
+__all__ = [
+    "DIVERGENCES",
+    "DistillState",
+    "FDistillConfig",
+    "Nets",
+    "backward_simulate",
+    "critic_loss",
+    "density_ratio",
+    "dmd2_loss",
+    "f_weights",
+    "few_step_sample",
+    "gan_d_loss",
+    "gan_g_loss",
+    "generator_f",
+    "generator_loss",
+    "hybrid_sample",
+    "is_generator_step",
+    "jit_steps",
+    "make_steps",
+    "student_sigmas",
+    "time_bin_normalize",
+    "vsd_loss",
+    "weighting",
+]

@@ -175,6 +175,13 @@ class UNet(nn.Module):
       (output = value projection, then the output projection);
     * ``"slg"``: the attention layers in ``skip_layers`` are skipped (identity).
 
+    Intermediate features (for discriminator heads) are sown into the ``"intermediates"``
+    collection only when it is mutable: ``enc{level}`` (the last activation of each
+    encoder level, before downsampling, ``[B, H / 2^level, W / 2^level, ch * mult]``) and
+    ``mid`` (the middle block's output). ``model.apply(v, x, t, c,
+    mutable=["intermediates"])`` returns ``(out, {"intermediates": {name: (h,)}})``; a
+    plain ``apply`` is unchanged. See :func:`jaxdiff.distill.features.unet_features`.
+
     Attributes:
       ch: Base channel count.
       ch_mult: Channel multiplier per resolution level.
@@ -220,6 +227,11 @@ class UNet(nn.Module):
                 f"{field} {bad} name no attention layer; use 'mid' or one of {sorted(resolutions)}"
             )
         return frozenset(chosen)
+
+    def _capture(self, name: str, h: jax.Array) -> None:
+        # Sown only when the caller asks: apply(..., mutable=["intermediates"]).
+        if not self.is_initializing():
+            self.sow("intermediates", name, h)
 
     @nn.compact
     def __call__(
@@ -285,6 +297,7 @@ class UNet(nn.Module):
                 if res in attn_res:
                     h = attend(h, res, f"down{level}_attn{i}")
                 skips.append(h)
+            self._capture(f"enc{level}", h)
             if level < levels - 1:
                 if self.resample == "conv":
                     h = conv(h.shape[-1], stride=2, name=f"down{level}_resample", **kw)(h)
@@ -295,6 +308,7 @@ class UNet(nn.Module):
         h = ResBlock(h.shape[-1], self.dropout, name="mid_res0", **kw)(h, emb, deterministic)
         h = attend(h, "mid", "mid_attn")
         h = ResBlock(h.shape[-1], self.dropout, name="mid_res1", **kw)(h, emb, deterministic)
+        self._capture("mid", h)
 
         for level in reversed(range(levels)):
             res = height >> level
