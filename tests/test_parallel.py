@@ -100,8 +100,8 @@ def test_resume_on_fewer_and_more_devices(tmp_path):
 
     full = train_and_evaluate(config(6, 8), tmp_path / "full")
     train_and_evaluate(config(2, 8), tmp_path / "moved")  # saved on 8 devices
-    train_and_evaluate(config(4, 4), tmp_path / "moved")  # resumed on 4
-    resumed = train_and_evaluate(config(6, 1), tmp_path / "moved")  # and on 1
+    train_and_evaluate(config(4, 1), tmp_path / "moved")  # resumed on 1 (fewer)
+    resumed = train_and_evaluate(config(6, 4), tmp_path / "moved")  # then on 4 (more)
     assert int(resumed.step) == 6
     full_losses, moved = _losses(tmp_path / "full"), _losses(tmp_path / "moved")
     assert sorted(moved) == sorted(full_losses) == [2, 4, 5, 6]
@@ -109,7 +109,7 @@ def test_resume_on_fewer_and_more_devices(tmp_path):
     # Compare what the params compute, not each raw weight: biases feeding a GroupNorm have
     # an exactly-zero gradient, so Adam turns rounding noise into a random walk in them that
     # differs between meshes and has no effect on the output.
-    exp = build_experiment(config(6, 1))
+    exp = build_experiment(config(6, 4))
     np.testing.assert_allclose(
         _predictions(resumed, exp), _predictions(full, exp), rtol=1e-4, atol=1e-4
     )
