@@ -22,8 +22,19 @@ def ancestral_split(sigma: jax.Array, sigma_next: jax.Array, eta: float):
     return jnp.sqrt(jnp.maximum(sigma_next**2 - up**2, 0.0)), up
 
 
+class _EtaSolver(Solver):
+    """A solver whose noise is scaled by ``eta``: stochastic only when ``eta > 0``."""
+
+    eta: float
+
+    @property
+    def stochastic(self) -> bool:  # type: ignore[override]
+        """Only ``eta > 0`` draws noise, so deterministic runs need no key."""
+        return self.eta > 0
+
+
 @dataclasses.dataclass(frozen=True)
-class EulerAncestral(Solver):
+class EulerAncestral(_EtaSolver):
     """Euler ancestral (k-diffusion): an Euler step to ``sigma_down``, then noise ``sigma_up``.
 
     ``x' = x + (sigma_down - sigma) d + s_noise sigma_up z`` with ``d = (x - x0) / sigma``.
@@ -37,11 +48,6 @@ class EulerAncestral(Solver):
     eta: float = 1.0
     s_noise: float = 1.0
 
-    @property
-    def stochastic(self) -> bool:  # type: ignore[override]
-        """Only ``eta > 0`` draws noise."""
-        return self.eta > 0
-
     def step(self, den, x, i, sigmas, state, ev, key):
         """See :class:`Solver`."""
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -53,7 +59,7 @@ class EulerAncestral(Solver):
 
 
 @dataclasses.dataclass(frozen=True)
-class DDIM(Solver):
+class DDIM(_EtaSolver):
     """DDIM (Song et al. 2021) with stochasticity ``eta``, computed in VP coordinates.
 
     With ``abar = 1 / (1 + sigma^2)``, ``x_vp = sqrt(abar) x`` and
@@ -70,11 +76,6 @@ class DDIM(Solver):
     """
 
     eta: float = 0.0
-
-    @property
-    def stochastic(self) -> bool:  # type: ignore[override]
-        """Only ``eta > 0`` draws noise."""
-        return self.eta > 0
 
     def step(self, den, x, i, sigmas, state, ev, key):
         """See :class:`Solver`."""
