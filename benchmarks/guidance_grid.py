@@ -65,7 +65,7 @@ def main() -> None:
             num=len(labels),
             solver=get_solver("heun"),
             sigmas=sigmas,
-            guidance=build_guidance(spec, run),
+            guidance=build_guidance(spec),
             labels=labels,
             seed=args.seed,
         )

@@ -112,8 +112,8 @@ def _classifier_fns(path: str | None):
     return clf, logits_fn, log_prob_fn
 
 
-def build_guidance(spec: str | None, run: TrainedModel) -> Guidance | None:
-    """Builds any guidance from a ``--guidance`` string for a trained run.
+def build_guidance(spec: str | None) -> Guidance | None:
+    """Builds any guidance from a ``--guidance`` string.
 
     Beyond :func:`jaxdiff.guidance.parse_guidance`, this resolves what some methods need:
 
@@ -155,7 +155,6 @@ def build_guidance(spec: str | None, run: TrainedModel) -> Guidance | None:
             kwargs["log_prob_fn"] = log_prob_fn
         else:
             kwargs["logits_fn"] = logits_fn
-    del run  # the run fixes nothing else today; kept so methods can read its config
     return build(name, args, kwargs, spec)
 
 

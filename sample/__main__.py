@@ -48,7 +48,7 @@ def main(argv):
     run = load_run(_WORKDIR.value, ema=None if _EMA.value == "none" else _EMA.value)
     sc = run.config.sample
     spec = _GUIDANCE.value if _GUIDANCE.value is not None else sc.guidance
-    guidance = build_guidance(spec, run) if run.num_classes else None
+    guidance = build_guidance(spec) if run.num_classes else None
     labels = parse_labels(_LABELS.value, _NUM.value, run.num_classes)
     kw = dict(
         solver=get_solver(_SOLVER.value),

@@ -133,18 +133,18 @@ def test_every_guidance_is_reachable_from_a_spec(trained):
     for name in GUIDANCE:
         if extra.get(name, "") is None:
             continue
-        g = build_guidance(f"{name}:1.5{extra.get(name, '')}", run)
+        g = build_guidance(f"{name}:1.5{extra.get(name, '')}")
         assert g is not None, name
     with pytest.raises(ValueError, match="noise-aware"):
-        build_guidance("classifier:1.0", run)
+        build_guidance("classifier:1.0")
     with pytest.raises(ValueError, match="guide="):
-        build_guidance("autoguidance:2.0", run)
+        build_guidance("autoguidance:2.0")
     x, _ = generate_samples(
         run,
         num=4,
         solver=heun(),
         sigmas=karras_sigmas(3),
-        guidance=build_guidance(f"autoguidance:2.0,guide={trained}", run),
+        guidance=build_guidance(f"autoguidance:2.0,guide={trained}"),
         labels=parse_labels(None, 4, 10),
         seed=0,
     )
