@@ -23,7 +23,8 @@ NULL = K
 
 
 def _sig(sigma, x):
-    sigma = jnp.asarray(sigma, jnp.float32)
+    # x's precision: float32, or float64 in float64 runs (lower precisions compute in float32).
+    sigma = jnp.asarray(sigma, jnp.promote_types(x.dtype, jnp.float32))
     return jnp.broadcast_to(sigma, x.shape[:1])[:, None]
 
 

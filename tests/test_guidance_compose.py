@@ -72,14 +72,21 @@ def test_compositions_reduce_to_their_parts_in_sampling():
             ),
             "cond": sample(DEN, noise, karras_sigmas(5), **heun_),
             "auto": sample(
-                DEN, noise, karras_sigmas(4), solver=euler(), guidance=autoguidance(w, BAD), **kw
+                DEN,
+                noise,
+                karras_sigmas(4),
+                solver=euler(),
+                guidance=autoguidance(w, guide_denoise=BAD),
+                **kw,
             ),  # fmt: skip
             "gfcg0_auto": sample(
                 DEN,
                 noise,
                 karras_sigmas(4),
                 solver=euler(),
-                guidance=gfcg(0.0, clean_logits, autoguidance(w, BAD)),
+                guidance=gfcg(
+                    0.0, logits_fn=clean_logits, autoguide=autoguidance(w, guide_denoise=BAD)
+                ),
                 **kw,
             ),  # fmt: skip
         }

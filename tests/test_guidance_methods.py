@@ -1,5 +1,6 @@
 """Per-call invariants of every guidance method on the exact 2-D Gaussian mixture."""
 
+import gaussian
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,11 +9,9 @@ from mixture import MEANS, NULL, S, clean_logits, ctx, denoiser, log_prob, point
 
 from jaxdiff.diffusion import karras_sigmas
 from jaxdiff.guidance import (
-    GUIDANCE,
     SPACES,
     APGState,
     Autoguidance,
-    Guidance,
     ag,
     apg,
     autoguidance,
@@ -27,9 +26,7 @@ from jaxdiff.guidance import (
     interval,
     minority,
     pag,
-    parse_guidance,
     rescale,
-    slg,
     to_space,
 )
 from jaxdiff.samplers import ddim, euler, euler_update, heun, sample
@@ -73,9 +70,9 @@ def test_scale_one_gives_the_conditional_denoiser():
             "apg": apg(1.0, eta=0.3, beta=-0.5, r=0.1),
             "cfg_zero_star": cfg_zero_star(1.0, zero_init_steps=0),
             "pag_s0": pag(0.0, scale=1.0),
-            "autoguidance": autoguidance(1.0, BAD),
-            "gfcg_w0": gfcg(0.0, clean_logits),
-            "classifier_s0": classifier_guidance(0.0, log_prob, base="cond"),
+            "autoguidance": autoguidance(1.0, guide_denoise=BAD),
+            "gfcg_w0": gfcg(0.0, logits_fn=clean_logits),
+            "classifier_s0": classifier_guidance(0.0, log_prob_fn=log_prob, base="cond"),
         }
         for space in SPACES:
             gs[f"rescale_{space}"] = rescale(1.0, phi=0.7, space=space)
@@ -104,6 +101,7 @@ def test_apg_eta1_beta0_without_threshold_is_cfg():
             "cfg": cfg(w),
             "none": apg(w, eta=1.0, beta=0.0, r=None),
             "inf": apg(w, eta=1.0, beta=0.0, r=jnp.inf),
+            "zero": apg(w, eta=1.0, beta=0.0, r=0.0),  # r = 0: no clip, as in the reference
         }.items():
             out[name] = sample(
                 DEN, noise, karras_sigmas(5), solver=euler(), guidance=g, cond=c, uncond=u
@@ -113,6 +111,41 @@ def test_apg_eta1_beta0_without_threshold_is_cfg():
     out = go(x)
     np.testing.assert_allclose(out["none"], out["cfg"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["inf"], out["cfg"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["zero"], out["cfg"], rtol=1e-5, atol=1e-5)
+
+
+def test_apg_r0_is_no_clip_per_sample_and_equals_cfg_to_float32_rounding():
+    b = 8
+    x, c, u = points(b, seed=4)
+    w = jnp.linspace(1.5, 5.0, b)
+    r = jnp.where(jnp.arange(b) % 2 == 0, 0.0, 0.2)  # per sample: no clip, or a tight clip
+    g_u, g_c = gaussian.denoiser(), gaussian.denoiser(mu=1.0)
+
+    def two_gaussians(x, sigma, cond):  # exact denoisers of N(0.3, 0.8^2) and N(1, 0.8^2)
+        return jnp.where((cond == NULL)[:, None], g_u(x, sigma), g_c(x, sigma))
+
+    @jax.jit
+    def go(x):
+        res = {}
+        for name, den in (("mixture", DEN), ("gaussian", two_gaussians)):
+
+            def call(g, den=den):
+                return g(den, x, ctx(1.3, b), c, u, g.init(x.shape, x.dtype))[0].x0
+
+            res[name] = (
+                call(apg(w, eta=1.0, beta=0.0, r=0.0)),
+                call(cfg(w)),
+                call(apg(w, eta=1.0, beta=0.0, r=r)),
+                call(apg(w, eta=1.0, beta=0.0, r=0.2)),
+            )
+        return res
+
+    for name, (zero, want, mixed, clipped) in go(x).items():
+        # CFG's D_u + w Delta against APG's D_c + (w - 1) Delta: equal up to float32 rounding.
+        np.testing.assert_allclose(zero, want, rtol=1e-6, atol=2e-6, err_msg=name)
+        np.testing.assert_array_equal(mixed[0::2], zero[0::2])
+        np.testing.assert_array_equal(mixed[1::2], clipped[1::2])
+        assert np.abs(np.asarray(clipped - want)[1::2]).max() > 1e-2, name  # r = 0.2 clips
 
 
 def _apg_ref(d_c, d_u, m_hist, w, eta, beta, r):
@@ -251,8 +284,8 @@ def test_exact_classifier_on_the_unconditional_model_is_the_conditional_model():
         outs = []
         for s in sigmas:
             xs = x * jnp.sqrt(1 + s**2)
-            g = run(classifier_guidance(1.0, log_prob), xs, c, u, sigma=s)[0]
-            m = run(minority(1.0, log_prob, target=2), xs, c, u, sigma=s)[0]
+            g = run(classifier_guidance(1.0, log_prob_fn=log_prob), xs, c, u, sigma=s)[0]
+            m = run(minority(1.0, log_prob_fn=log_prob, target=2), xs, c, u, sigma=s)[0]
             outs.append(
                 (g.x0, DEN(xs, sig(s, x), c), m.x0, DEN(xs, sig(s, x), jnp.full_like(c, 2)))
             )
@@ -272,7 +305,9 @@ def test_classifier_guidance_samples_the_conditional_distribution():
     def go(noise):
         sigmas = karras_sigmas(64, sigma_max=400.0)
         kw = dict(solver=heun(), cond=labels, uncond=jnp.full((n,), NULL))
-        guided = sample(DEN, noise, sigmas, guidance=classifier_guidance(1.0, log_prob), **kw)
+        guided = sample(
+            DEN, noise, sigmas, guidance=classifier_guidance(1.0, log_prob_fn=log_prob), **kw
+        )
         return guided[0], sample(DEN, noise, sigmas, **kw)[0]
 
     x, x_cond = go(noise)
@@ -291,7 +326,7 @@ def test_elucd_matches_the_calibrated_gradient_on_x0():
 
     @jax.jit
     def go(x):
-        g = elucd(0.7, clean_logits, temperature=tau1, discount=disc, boost=boost)
+        g = elucd(0.7, logits_fn=clean_logits, temperature=tau1, discount=disc, boost=boost)
         out = run(g, x, c, u, sigma=s, i=i, num_steps=n)[0]
         return out.x0, DEN(x, sig(s, x), c)
 
@@ -313,12 +348,12 @@ def test_elucd_matches_the_calibrated_gradient_on_x0():
 def test_gfcg_reference_class_rule_and_autoguidance_base():
     x, c, u = points(9, seed=5, scale=2.0)
     w = jnp.linspace(0.5, 3.0, 9)
-    ag_ = autoguidance(1.8, BAD)
+    ag_ = autoguidance(1.8, guide_denoise=BAD)
 
     @jax.jit
     def go(x):
-        plain = run(gfcg(w, clean_logits), x, c, u)[0]
-        combo = run(gfcg(w, clean_logits, autoguide=ag_), x, c, u)[0]
+        plain = run(gfcg(w, logits_fn=clean_logits), x, c, u)[0]
+        combo = run(gfcg(w, logits_fn=clean_logits, autoguide=ag_), x, c, u)[0]
         d_c = DEN(x, sig(1.3, x), c)
         return plain, combo, d_c, run(ag_, x, c, u)[0].x0
 
@@ -347,44 +382,10 @@ def test_autoguidance_with_the_unconditional_model_as_guide_is_cfg():
 
     @jax.jit
     def go(x):
-        return run(autoguidance(w, as_uncond), x, c, u)[0].x0, run(cfg(w), x, c, u)[0].x0
+        auto = run(autoguidance(w, guide_denoise=as_uncond), x, c, u)[0].x0
+        return auto, run(cfg(w), x, c, u)[0].x0
 
     a, b = go(x)
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="guide_denoise"):
         Autoguidance(2.0).combine(x, 1.0, c, x)
-
-
-def test_registry_parses_every_string_buildable_method():
-    specs = {
-        "cfg:2": "CFG",
-        "interval:2,sigma_lo=0.3,sigma_hi=2": "Interval",
-        "rescale:2,phi=0.5,space=x0": "CFGRescale",
-        "apg:scale=3,eta=0,beta=-0.5": "APG",
-        "apg:3,r=none": "APG",
-        "ag:2,threshold=0.99": "AdaptiveGuidance",
-        "cfgpp:0.6": "CFGPlusPlus",
-        "cfg++:0.6": "CFGPlusPlus",
-        "cfg_zero_star:2,zero_init_steps=2": "CFGZeroStar",
-        "pag:3,scale=2": "PerturbedGuidance",
-        "slg:2.8,start=0,stop=0.5": "PerturbedGuidance",
-    }
-    for spec, cls in specs.items():
-        g = parse_guidance(spec)
-        assert type(g).__name__ == cls and isinstance(g, Guidance), spec
-    assert parse_guidance("apg:3,r=none").r is None
-    assert parse_guidance("apg:scale=3,eta=0,beta=-0.5").beta == -0.5
-    for name, needs in [
-        ("autoguidance", "guide_denoise"),
-        ("classifier", "log_prob_fn"),
-        ("minority", "log_prob_fn"),
-        ("elucd", "logits_fn"),
-        ("gfcg", "logits_fn"),
-    ]:
-        assert name in GUIDANCE
-        with pytest.raises(ValueError, match=needs):
-            parse_guidance(f"{name}:2")
-    with pytest.raises(ValueError, match="space"):
-        parse_guidance("apg:2,space=pixels")
-    with pytest.raises(ValueError, match="start"):
-        slg(2.0, start=0.5, stop=0.1)

@@ -1,5 +1,6 @@
 """Real NFE savings: guidance interval, Adaptive Guidance and step windows, counted exactly."""
 
+import gaussian
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,3 +113,24 @@ def test_perturbed_guidance_step_window_skips_the_perturbed_pass():
     assert int(out["empty"][1]["nfe"]) == 2 * n and int(out["pag"][1]["nfe"]) == 2 * n
     np.testing.assert_allclose(out["empty"][0], out["cfg"][0], rtol=1e-6, atol=1e-6)
     assert not np.allclose(out["slg"][0], out["cfg"][0])
+
+
+def test_adaptive_guidance_threshold_1_never_switches_even_at_cosine_1():
+    # A denoiser that ignores cond: D_c == D_u, so the cosine is 1 up to rounding (it can
+    # come out as 1.0 or just above). threshold = 1 must stay CFG; 0.99 switches at once.
+    n = 6
+    x, c, u = points(8)
+    blind = gaussian.denoiser()
+
+    @jax.jit
+    def go(noise):
+        kw = dict(solver=euler(), cond=c, uncond=u)
+        return [sample(blind, noise, karras_sigmas(n), guidance=ag(2.0, threshold=t), **kw)
+                for t in (1.0, 0.99)]  # fmt: skip
+
+    (x1, a1), (x99, a99) = go(x)
+    s1, s99 = a1["guidance_state"], a99["guidance_state"]
+    assert abs(float(s1.cos) - 1.0) < 1e-6 and abs(float(s99.cos) - 1.0) < 1e-6
+    assert not bool(s1.done) and int(s1.n_guided) == n and int(a1["nfe"]) == 2 * n
+    assert bool(s99.done) and int(s99.n_guided) == 1 and int(a99["nfe"]) == 2 + (n - 1)
+    np.testing.assert_allclose(x99, x1, rtol=1e-6, atol=1e-6)  # D_c == D_u: same samples

@@ -8,8 +8,10 @@ import pytest
 from gaussian import MU, S, denoiser, denoiser_np, ode_solution
 
 from jaxdiff.diffusion import karras_sigmas
+from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.samplers import (
     SOLVERS,
+    batch_keys,
     ddim,
     dpmpp_2m,
     edm_stochastic,
@@ -19,9 +21,9 @@ from jaxdiff.samplers import (
     heun,
     per_sample_normal,
     sample,
-    sample_keys,
     step_keys,
 )
+from jaxdiff.utils.rng import per_sample_keys, start_noise
 
 DEN = denoiser()
 
@@ -140,7 +142,7 @@ def test_edm_stochastic_matches_float64_reference():
     b = 16
     noise = np.asarray(per_sample_normal(jax.random.key(0), (b, 3)))
     key = jax.random.key(7)
-    keys = sample_keys(key, b)
+    keys = batch_keys(key, b)
     # The same per-step noise the sampler draws: step_keys' solver keys, then normal_like.
     step_noise = [
         np.asarray(jax.vmap(lambda k: jax.random.normal(k, (3,)))(step_keys(keys, i)[0]))
@@ -232,3 +234,128 @@ def test_every_registered_solver_runs_jitted():
         x, aux = _run(get_solver(name), np.ones((2, 3), np.float32), karras_sigmas(4))
         assert x.shape == (2, 3) and np.all(np.isfinite(x)), name
         assert int(aux["nfe"]) > 0
+
+
+def test_batch_keys_and_start_noise_are_the_rng_helpers():
+    key = jax.random.key(9)
+    np.testing.assert_array_equal(
+        jax.random.key_data(batch_keys(key, 5)), jax.random.key_data(per_sample_keys(key, 5))
+    )
+    raw = jax.random.key_data(key)  # a raw uint32[2] key gives the same keys
+    np.testing.assert_array_equal(
+        jax.random.key_data(batch_keys(raw, 5)), jax.random.key_data(batch_keys(key, 5))
+    )
+    mine = per_sample_keys(key, 4, start=20)  # [B] keys pass through unchanged
+    np.testing.assert_array_equal(
+        jax.random.key_data(batch_keys(mine, 4)), jax.random.key_data(mine)
+    )
+    np.testing.assert_array_equal(
+        per_sample_normal(key, (5, 3, 2)), start_noise(per_sample_keys(key, 5), (3, 2))
+    )
+    np.testing.assert_array_equal(per_sample_normal(mine, (4, 3)), start_noise(mine, (3,)))
+
+
+def test_solver_arguments_out_of_range_are_invalid_argument_errors():
+    bad = [
+        (lambda: ddim(eta=-0.5), "eta.*-0.5"),
+        (lambda: ddim(eta=float("nan")), "eta.*nan"),
+        (lambda: euler_ancestral(eta=-1.0), "eta.*-1"),
+        (lambda: euler_ancestral(s_noise=-1.0), "s_noise.*-1"),
+        (lambda: edm_stochastic(s_churn=-1.0), "s_churn.*-1"),
+        (lambda: edm_stochastic(s_churn=float("inf")), "s_churn.*inf"),
+        (lambda: edm_stochastic(s_noise=float("nan")), "s_noise.*nan"),
+        (lambda: edm_stochastic(s_tmin=-0.1), "s_tmin.*-0.1"),
+        (lambda: edm_stochastic(s_tmin=5.0, s_tmax=1.0), "s_tmax.*s_tmin.*got 1.0"),
+        (lambda: get_solver("ddim", etaa=1.0), "etaa.*takes eta"),
+        (lambda: get_solver("rk45"), "rk45.*euler"),
+    ]
+    for make, match in bad:
+        with pytest.raises(InvalidArgumentError, match=match):
+            make()
+    assert get_solver("ddim", 0.5).eta == 0.5  # positional values from "ddim:0.5" work
+    assert edm_stochastic(s_tmax=float("inf")).s_tmax == float("inf")
+
+
+def test_zero_noise_hyperparameters_need_no_key_and_are_exactly_the_ode_solvers():
+    sig = karras_sigmas(7)
+    noise = per_sample_normal(jax.random.key(2), (6, 3))
+
+    @jax.jit
+    def go(noise):
+        run = lambda solver: sample(DEN, noise, sig, solver=solver)  # noqa: E731  key=None
+        return {
+            "heun": run(heun()),
+            "churn0": run(edm_stochastic(s_churn=0.0)),
+            "euler": run(euler()),
+            "ddim0": run(ddim(0.0)),
+            "ancestral0": run(euler_ancestral(eta=0.0)),
+            "ancestral_s0": run(euler_ancestral(eta=1.0, s_noise=0.0)),
+        }
+
+    for solver in (edm_stochastic(s_churn=0.0), ddim(0.0), euler_ancestral(0.0)):
+        assert not solver.stochastic
+    assert edm_stochastic(s_churn=0.0, s_tmin=0.05).stochastic is False
+    assert edm_stochastic().stochastic and ddim(1.0).stochastic and euler_ancestral().stochastic
+    out = go(noise)
+    np.testing.assert_array_equal(out["churn0"][0], out["heun"][0])
+    assert int(out["churn0"][1]["nfe"]) == int(out["heun"][1]["nfe"]) == 13
+    np.testing.assert_array_equal(out["ddim0"][0], out["euler"][0])
+    np.testing.assert_array_equal(out["ancestral0"][0], out["euler"][0])
+    # s_noise = 0 keeps eta's deterministic sigma_down step: not Euler, but no noise either.
+    assert np.all(np.isfinite(out["ancestral_s0"][0]))
+
+
+def _step_noise(key, b, shape, i=0):
+    """The fresh noise a solver draws at step ``i``: its step keys, then ``normal_like``."""
+    keys = step_keys(batch_keys(key, b), i)[0]
+    return np.asarray(jax.vmap(lambda k: jax.random.normal(k, shape))(keys))
+
+
+def _ddim_vp_reference(x, x0, z, sigma, sigma_next, eta):
+    """DDIM(eta) in its VP-coordinate form (Song et al. 2021), in float64 numpy."""
+    x, x0, z = (np.asarray(a, np.float64) for a in (x, x0, z))
+    abar, abar_next = 1.0 / (1.0 + sigma**2), 1.0 / (1.0 + sigma_next**2)
+    eps = (np.sqrt(abar) * x - np.sqrt(abar) * x0) / np.sqrt(1.0 - abar)  # VP eps
+    c = eta * np.sqrt((1.0 - abar_next) / (1.0 - abar) * (1.0 - abar / abar_next))
+    x_vp = np.sqrt(abar_next) * x0 + np.sqrt(1.0 - abar_next - c**2) * eps + c * z
+    return x_vp / np.sqrt(abar_next)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_matches_the_vp_formula_in_float32_at_small_sigma(eta):
+    # One step 0.01 -> 0.002: the VP form's 1 - alpha_bar cancels in float32 (about 3e-5
+    # error); the sigma-space step keeps float32 precision.
+    b, sigma, sigma_next = 64, 0.01, 0.002
+    sig = np.array([sigma, sigma_next], np.float32)
+    noise = per_sample_normal(jax.random.key(5), (b, 4))
+    key = jax.random.key(6)
+    out, _ = _run(ddim(eta), noise, sig, key=key)
+    x = np.asarray(noise, np.float32) * np.float32(sigma)  # the sampler's float32 start
+    z = _step_noise(key, b, (4,))
+    x64 = x.astype(np.float64)
+    ref = _ddim_vp_reference(x64, denoiser_np(x64, sigma), z, sigma, sigma_next, eta)
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=0, atol=1e-6)
+
+
+def test_float64_noise_gives_a_float64_run_for_every_solver():
+    sig = karras_sigmas(18)
+    noise32 = np.asarray(per_sample_normal(jax.random.key(0), (16, 3)))
+    ref = _edm_reference(noise32, sig.astype(np.float64))  # Heun's 18 steps, float64
+    x32, _ = _run(heun(), noise32, sig)
+    with jax.enable_x64(True):
+        for name in SOLVERS:
+            x, aux = _run(get_solver(name), noise32.astype(np.float64), sig)
+            assert x.dtype == jnp.float64 and np.all(np.isfinite(x)), name
+        x64, aux = _run(heun(), noise32.astype(np.float64), sig)
+        assert int(aux["nfe"]) == 35
+        # A float64 denoiser on float32 noise: outputs are cast to the run's float32.
+        den64 = lambda x, s, c=None: DEN(x.astype(jnp.float64), s.astype(jnp.float64))  # noqa: E731
+        x_mixed, _ = sample(den64, noise32, sig, solver=heun())
+        assert x_mixed.dtype == jnp.float32
+    # The closed form of these 18 Heun steps (the float64 reference) is matched to float64
+    # rounding, where float32 is about 1e-6 off. (Against the exact ODE solution both carry
+    # the same, much larger, discretisation error of 18 steps.)
+    err64 = np.abs(np.asarray(x64) - ref).max()
+    err32 = np.abs(np.asarray(x32, np.float64) - ref).max()
+    assert err64 < 1e-12 < 1e-8 < err32 < 1e-5, (err64, err32)
+    np.testing.assert_allclose(x_mixed, x32, rtol=1e-5, atol=1e-5)

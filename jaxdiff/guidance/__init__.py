@@ -26,7 +26,7 @@ from jaxdiff.guidance.gfcg import GFCG, gfcg, reference_class
 from jaxdiff.guidance.interval import Interval, interval, interval_from_steps, within_interval
 from jaxdiff.guidance.minority import MinorityGuidance, minority
 from jaxdiff.guidance.perturbed import PerturbedGuidance, pag, slg
-from jaxdiff.guidance.registry import GUIDANCE, parse_guidance
+from jaxdiff.guidance.registry import GUIDANCE, REQUIRES, parse_guidance, parse_spec
 from jaxdiff.guidance.rescale import CFGRescale, rescale
 from jaxdiff.guidance.spaces import SPACES, from_space, to_space
 from jaxdiff.guidance.switch import cond_guidance
@@ -36,6 +36,7 @@ __all__ = [
     "CFG",
     "GFCG",
     "GUIDANCE",
+    "REQUIRES",
     "SPACES",
     "AGState",
     "APGState",
@@ -73,6 +74,7 @@ __all__ = [
     "minority",
     "pag",
     "parse_guidance",
+    "parse_spec",
     "per_sample",
     "reference_class",
     "rescale",

@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.guidance.base import GuideOut, batch_sigma, eval_branches, per_sample
+from jaxdiff.guidance.checks import check_number, concrete
 from jaxdiff.guidance.spaces import check_space, to_space
 from jaxdiff.guidance.switch import cond_guidance
 
@@ -20,7 +22,8 @@ class AGState(NamedTuple):
     Attributes:
         done: bool; True once the switch to conditional-only sampling happened.
         n_guided: int32; number of guided (two-evaluation) calls so far.
-        cos: float32; the latest cosine similarity computed (kept after the switch).
+        cos: the latest cosine similarity computed (kept after the switch), in the dtype
+            given to ``init``.
     """
 
     done: jax.Array
@@ -36,7 +39,9 @@ class AdaptiveGuidance:
     flattened batch (one number, as in the reference ComfyUI node, so the decision is
     batch-wide). That call still returns CFG ``D_u + w (D_c - D_u)``; if
     ``gamma >= threshold`` every later call returns ``D_c`` from one evaluation. The
-    switch is irreversible.
+    switch is irreversible. A threshold ``>= 1`` never switches: a cosine never exceeds 1
+    mathematically, but in floating point it reaches 1.0 (always when ``D_c == D_u``, e.g.
+    for a model that ignores its conditioning), so ``cos >= threshold`` alone would switch.
 
     Compute really is saved under ``jit``: the state's ``done`` flag is a scalar and the
     call is ``lax.cond(done, cond_only, cfg)`` inside the sampler's scan, so only the taken
@@ -50,7 +55,7 @@ class AdaptiveGuidance:
 
     Attributes:
         scale: CFG scale ``w`` before the switch (scalar or ``[B]``).
-        threshold: ``gamma_bar``; above 1 never switches (plain CFG).
+        threshold: ``gamma_bar`` (a scalar); 1 or above never switches (plain CFG).
         space: static; space of the cosine (x0 by default, the denoised outputs the
             reference compares).
         axis_name: static; mapped axis to ``psum`` over inside ``shard_map``/``pmap``.
@@ -62,15 +67,15 @@ class AdaptiveGuidance:
     axis_name: str | None = flax.struct.field(pytree_node=False, default=None)
 
     def init(self, x_shape: tuple[int, ...], dtype: Any) -> AGState:
-        """Not switched yet."""
-        return AGState(jnp.zeros((), bool), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+        """Not switched yet; the cosine is kept in ``dtype``."""
+        return AGState(jnp.zeros((), bool), jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
 
     def cosine(self, y_c: jax.Array, y_u: jax.Array) -> jax.Array:
-        """Batch-wide cosine similarity of two ``[B, ...]`` arrays (float32 scalar)."""
+        """Batch-wide cosine similarity of two ``[B, ...]`` arrays (a scalar)."""
         sums = jnp.stack([jnp.sum(y_c * y_u), jnp.sum(y_c * y_c), jnp.sum(y_u * y_u)])
         if self.axis_name is not None:
             sums = jax.lax.psum(sums, self.axis_name)
-        return (sums[0] / jnp.sqrt(jnp.maximum(sums[1] * sums[2], 1e-30))).astype(jnp.float32)
+        return sums[0] / jnp.sqrt(jnp.maximum(sums[1] * sums[2], 1e-30))
 
     def __call__(self, denoise, x: jax.Array, ctx, cond, uncond, state: AGState):
         """CFG (and the switch test) before the switch, ``D_c`` after; see the class docstring."""
@@ -81,7 +86,8 @@ class AdaptiveGuidance:
                 to_space(self.space, d_c, x, ctx.sigma), to_space(self.space, d_u, x, ctx.sigma)
             )
             x0 = d_u + per_sample(self.scale, x) * (d_c - d_u)
-            new = AGState(cos >= self.threshold, state.n_guided + 1, cos)
+            switch = (cos >= self.threshold) & (self.threshold < 1.0)
+            new = AGState(switch, state.n_guided + 1, cos.astype(state.cos.dtype))
             return GuideOut(x0=x0, nfe=2), new
 
         def cond_only():
@@ -109,10 +115,23 @@ def ag(
 
     Args:
         scale: CFG scale ``w``.
-        threshold: cosine threshold ``gamma_bar`` (> 1 = plain CFG).
+        threshold: cosine threshold ``gamma_bar``, a finite scalar (>= 1 = plain CFG).
         space: space of the cosine.
         axis_name: mapped axis name for ``shard_map``/``pmap`` code, else None.
+
+    Raises:
+        InvalidArgumentError: for a non-finite ``scale``, a non-finite or non-scalar
+            ``threshold``, or an unknown space.
     """
+    check_number("ag", "scale", scale)
+    check_number("ag", "threshold", threshold, example=0.99)
+    arr = concrete("ag", "threshold", threshold)
+    if arr is not None and arr.ndim != 0:
+        # The switch is one batch-wide decision (a scalar lax.cond predicate).
+        raise InvalidArgumentError(
+            f"ag: threshold must be a scalar (the switch is batch-wide), got shape "
+            f"{arr.shape}; pass e.g. threshold=0.99"
+        )
     return AdaptiveGuidance(
         scale=scale, threshold=threshold, space=check_space(space), axis_name=axis_name
     )

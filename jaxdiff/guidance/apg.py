@@ -7,9 +7,12 @@ from typing import Any, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
+from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.guidance.base import GuideOut, eval_branches, per_sample
+from jaxdiff.guidance.checks import check_number
 from jaxdiff.guidance.spaces import check_space, from_space, sum_per_sample, to_space
 
 
@@ -33,12 +36,13 @@ class APG:
     With ``Delta = y_c - y_u`` (``y`` = denoiser output in ``space``, x0 by default)::
 
         m     <- Delta + beta m;  Delta <- m              (momentum; beta < 0 "reverse")
-        Delta <- Delta min(1, r / ||Delta||)              (norm threshold, per sample)
+        Delta <- Delta min(1, r / ||Delta||) if r > 0     (norm threshold, per sample)
         Delta_par  = (<Delta, y_c> / ||y_c||^2) y_c        (projection on the cond. output)
         Delta_perp = Delta - Delta_par
         y = y_c + (w - 1) (Delta_perp + eta Delta_par)
 
-    ``eta = 1, beta = 0, r = None`` is CFG ``y_u + w Delta``; ``w = 1`` is ``y_c``. Norms and
+    ``r = 0`` (like ``r = None`` or ``inf``) means no threshold, as in the paper's reference
+    code: ``eta = 1, beta = 0, r = 0`` is CFG ``y_u + w Delta``; ``w = 1`` is ``y_c``. Norms and
     inner products are per sample over ``axes`` (default: all non-batch axes) and guarded
     by ``eps`` (the reference projects in float64; JAX computes in float32).
 
@@ -53,7 +57,8 @@ class APG:
         scale: ``w`` (scalar or ``[B]``).
         eta: weight of the parallel component (scalar or ``[B]``).
         beta: momentum (scalar or ``[B]``).
-        r: norm threshold (scalar or ``[B]``); None disables it (``inf`` works too).
+        r: norm threshold ``>= 0`` (scalar or ``[B]``); None, 0 or ``inf`` disable it (per
+            sample for an array).
         space: static; output space of the update.
         axes: static; axes of the norms/projections (None = all non-batch axes), e.g.
             per frame for video latents.
@@ -69,8 +74,8 @@ class APG:
     eps: float = flax.struct.field(pytree_node=False, default=1e-12)
 
     def init(self, x_shape: tuple[int, ...], dtype: Any) -> APGState:
-        """Zero momentum."""
-        zeros = jnp.zeros(x_shape, jnp.float32)
+        """Zero momentum, in ``dtype`` (float32, or float64 in a float64 run)."""
+        zeros = jnp.zeros(x_shape, dtype)
         return APGState(zeros, zeros)
 
     def __call__(self, denoise, x: jax.Array, ctx, cond, uncond, state: APGState):
@@ -86,7 +91,9 @@ class APG:
             delta = delta + beta * state.prev
         if self.r is not None:
             norm = jnp.sqrt(sum_per_sample(delta**2, self.axes) + self.eps)
-            delta = delta * jnp.minimum(1.0, per_sample(self.r, x) / norm)
+            r = per_sample(self.r, x)
+            # r = 0 means "no clip" (reference code), never "no guidance"; r may be [B].
+            delta = delta * jnp.where(r > 0, jnp.minimum(1.0, r / norm), 1.0)
         norm2_c = sum_per_sample(y_c**2, self.axes) + self.eps
         coef = sum_per_sample(delta * y_c, self.axes) / norm2_c
         parallel = coef * y_c
@@ -95,6 +102,16 @@ class APG:
         update = delta - (1.0 - eta) * parallel
         y = y_c + (per_sample(self.scale, x) - 1.0) * update
         return GuideOut(x0=from_space(self.space, y, x, ctx.sigma), nfe=2), state
+
+
+def _axis(a: Any) -> int:
+    # Axis 0 is the batch: a norm over it would make samples depend on one another.
+    if isinstance(a, bool) or not isinstance(a, int | np.integer) or a == 0:
+        raise InvalidArgumentError(
+            f"apg: axes must be non-batch axis indices (ints other than 0), got {a!r}; pass "
+            "e.g. axes=(1, 2, 3), or axes=None for all non-batch axes"
+        )
+    return int(a)
 
 
 def apg(
@@ -109,7 +126,7 @@ def apg(
 
     Defaults: ``eta = 0`` and ``beta = -0.5`` as in the paper; ``r`` is model dependent
     (15 for SDXL, about 2.5 for EDM2-size pixel/latent models), 2.5 here; x0 space.
-    ``eta = 1, beta = 0, r = None`` reproduces CFG. Costs 2 evaluations per call.
+    ``eta = 1, beta = 0, r = None`` (or 0) reproduces CFG. Costs 2 evaluations per call.
 
     Reference: S. Sadat, O. Hilliges, R. M. Weber, "Eliminating Oversaturation and
     Artifacts of High Guidance Scales in Diffusion Models", ICLR 2025 (Algorithm 1).
@@ -117,11 +134,20 @@ def apg(
     Args:
         scale: ``w`` (1 = no guidance).
         eta: parallel-component weight.
-        beta: momentum (negative = reverse momentum).
-        r: norm threshold; None (or ``inf``) for none.
+        beta: momentum in ``(-1, 1)`` (negative = reverse momentum; ``|beta| >= 1`` would
+            make the running average diverge).
+        r: norm threshold ``>= 0``; None, 0 or ``inf`` for none.
         space: ``"x0"``, ``"eps"``, ``"v"`` or ``"flow"``.
-        axes: axes of norms/projections (None = all non-batch axes).
+        axes: axes of norms/projections (None = all non-batch axes; an int is one axis).
+
+    Raises:
+        InvalidArgumentError: for a non-finite ``scale``/``eta``, ``beta`` outside
+            ``(-1, 1)``, a negative or NaN ``r``, an unknown space or a bad axis.
     """
+    check_number("apg", "scale", scale)
+    check_number("apg", "eta", eta, example=0.0)
+    check_number("apg", "beta", beta, low=-1, high=1, open_low=True, open_high=True, example=-0.5)
+    check_number("apg", "r", r, low=0.0, allow_inf=True, example=2.5, none_ok=True)
     if axes is not None:
-        axes = tuple(int(a) for a in axes)
+        axes = tuple(_axis(a) for a in ((axes,) if isinstance(axes, int) else axes))
     return APG(scale=scale, eta=eta, beta=beta, r=r, space=check_space(space), axes=axes)

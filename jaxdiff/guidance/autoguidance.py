@@ -10,7 +10,9 @@ import jax
 from jax.typing import ArrayLike
 
 from jaxdiff.diffusion.formulation import Cond
+from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.guidance.base import GuideOut, State, batch_sigma, per_sample
+from jaxdiff.guidance.checks import check_number, require_callable
 
 
 @flax.struct.dataclass
@@ -43,12 +45,13 @@ class Autoguidance:
         Used by compositions (e.g. GFCG) that already hold the main model's output.
 
         Raises:
-            ValueError: when no guiding model was given.
+            InvalidArgumentError: when no guiding model was given.
         """
         if self.guide_denoise is None:
-            raise ValueError(
-                "autoguidance needs guide_denoise=<the weaker model's denoiser>; it cannot be "
-                "built from a --guidance string alone"
+            raise InvalidArgumentError(
+                "autoguidance needs guide_denoise=<the weaker model's denoiser>, got None: "
+                "build it with autoguidance(scale, guide_denoise=...) (from the command line: "
+                "guide=WORKDIR)"
             )
         d_bad = self.guide_denoise(x, batch_sigma(sigma, x), cond)
         return d_bad + per_sample(self.scale, x) * (d_main - d_bad)
@@ -61,7 +64,7 @@ class Autoguidance:
 
 
 def autoguidance(
-    scale: ArrayLike = 2.0, guide_denoise: Callable[..., jax.Array] | None = None
+    scale: ArrayLike = 2.0, *, guide_denoise: Callable[..., jax.Array]
 ) -> Autoguidance:
     """Autoguidance with scale ``w`` and guiding model ``guide_denoise``; see :class:`Autoguidance`.
 
@@ -73,11 +76,13 @@ def autoguidance(
 
     Args:
         scale: ``w`` (1 = no guidance).
-        guide_denoise: the guiding (bad) model's denoiser (required).
+        guide_denoise: the guiding (bad) model's denoiser ``(x, sigma, cond) -> x0``
+            (required, keyword only).
 
     Raises:
-        TypeError: without ``guide_denoise`` (e.g. from a ``--guidance`` string).
+        InvalidArgumentError: for a non-finite ``scale`` or a ``guide_denoise`` that is not
+            callable.
     """
-    if guide_denoise is None:
-        raise TypeError("autoguidance needs guide_denoise=<the weaker model's denoiser>")
+    check_number("autoguidance", "scale", scale)
+    require_callable("autoguidance", "guide_denoise", guide_denoise, "the weaker model's denoiser")
     return Autoguidance(scale=scale, guide_denoise=guide_denoise)

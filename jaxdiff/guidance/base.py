@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff.diffusion.formulation import Cond, Denoiser, expand_to
+from jaxdiff.diffusion.formulation import Cond, Denoiser
+from jaxdiff.errors import InvalidArgumentError
 
 State = Any
 
@@ -66,7 +67,11 @@ class Guidance(Protocol):
     """A guidance method: pure function of the denoiser, scan-safe state."""
 
     def init(self, x_shape: tuple[int, ...], dtype: Any) -> State:
-        """Returns the initial, fixed-shape state pytree."""
+        """Returns the initial, fixed-shape state pytree; float leaves in ``dtype``.
+
+        ``dtype`` is the sampler state's (float32, or float64 in a float64 run), so the
+        state keeps its type through the sampler's ``lax.scan``.
+        """
         ...
 
     def __call__(
@@ -92,9 +97,17 @@ def to_ho_salimans(w: ArrayLike) -> jax.Array:
     return jnp.asarray(w) - 1.0
 
 
+def float_dtype(x: jax.Array) -> jnp.dtype:
+    """The float dtype of computations on ``x``: float64 for float64 ``x``, else float32."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def batch_sigma(sigma: ArrayLike, x: jax.Array) -> jax.Array:
-    """Broadcasts a noise level to the per-sample ``[B]`` shape denoisers receive."""
-    return jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
+    """Broadcasts a noise level to the per-sample ``[B]`` shape denoisers receive.
+
+    The levels take ``x``'s precision (float32, or float64 in a float64 run).
+    """
+    return jnp.broadcast_to(jnp.asarray(sigma, float_dtype(x)), x.shape[:1])
 
 
 def eval_branches(
@@ -116,10 +129,10 @@ def eval_branches(
         ``k`` outputs of shape ``[B, ...]``, in the order of ``conds``.
 
     Raises:
-        ValueError: if a conditioning is None (there is nothing to batch over).
+        InvalidArgumentError: if a conditioning is None (there is nothing to batch over).
     """
     if any(c is None for c in conds):
-        raise ValueError(
+        raise InvalidArgumentError(
             "eval_branches needs a conditioning pytree for every branch, got None: pass "
             "cond= and uncond= (e.g. the null class label) to sample()"
         )
@@ -132,8 +145,14 @@ def eval_branches(
 
 
 def per_sample(scale: ArrayLike, x: jax.Array) -> jax.Array:
-    """Broadcasts a scalar or per-sample ``[B]`` guidance scale against ``x``."""
-    return expand_to(scale, x)
+    """Broadcasts a scalar or per-sample ``[B]`` value against ``x`` (``[B, 1, ...]``).
+
+    The result has ``x``'s float precision (see :func:`float_dtype`).
+    """
+    v = jnp.asarray(scale, float_dtype(x))
+    if v.ndim == 0:
+        v = jnp.broadcast_to(v, x.shape[:1])
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
 
 @flax.struct.dataclass

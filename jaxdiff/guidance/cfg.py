@@ -9,6 +9,7 @@ import jax
 from jax.typing import ArrayLike
 
 from jaxdiff.guidance.base import GuideOut, State, eval_branches, per_sample
+from jaxdiff.guidance.checks import check_number
 
 
 @flax.struct.dataclass
@@ -39,5 +40,10 @@ class CFG:
 
 
 def cfg(scale: ArrayLike = 2.0) -> CFG:
-    """Classifier-free guidance with scale ``w`` (1 = no guidance); see :class:`CFG`."""
+    """Classifier-free guidance with scale ``w`` (1 = no guidance); see :class:`CFG`.
+
+    Raises:
+        InvalidArgumentError: for a NaN or infinite concrete ``scale``.
+    """
+    check_number("cfg", "scale", scale)
     return CFG(scale=scale)

@@ -7,9 +7,12 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
+from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.guidance.base import GuideOut, State, eval_branches, per_sample
+from jaxdiff.guidance.checks import check_count, check_number
 from jaxdiff.guidance.spaces import check_space, from_space, sum_per_sample, to_space
 from jaxdiff.guidance.switch import cond_guidance
 
@@ -62,7 +65,7 @@ class CFGZeroStar:
             if self.use_zero_star:
                 s = sum_per_sample(v_c * v_u) / (sum_per_sample(v_u * v_u) + self.eps)
             else:
-                s = jnp.ones((x.shape[0],) + (1,) * (x.ndim - 1), x.dtype)
+                s = jnp.ones((x.shape[0],) + (1,) * (x.ndim - 1), v_u.dtype)
             base = s * v_u
             v = base + per_sample(self.scale, x) * (v_c - base)
             x0 = from_space(self.space, v, x, ctx.sigma)
@@ -96,10 +99,19 @@ def cfg_zero_star(
         zero_init_steps: leading steps with zero velocity (and no network call).
         use_zero_star: scale ``v_u`` by ``s*``.
         space: space of the projection and of the zero output.
+
+    Raises:
+        InvalidArgumentError: for a non-finite ``scale``, a negative or fractional
+            ``zero_init_steps``, a non-bool ``use_zero_star`` or an unknown space.
     """
+    check_number("cfg_zero_star", "scale", scale)
+    if not isinstance(use_zero_star, bool | np.bool_):
+        raise InvalidArgumentError(
+            f"cfg_zero_star: use_zero_star must be true or false, got {use_zero_star!r}"
+        )
     return CFGZeroStar(
         scale=scale,
-        zero_init_steps=int(zero_init_steps),
+        zero_init_steps=check_count("cfg_zero_star", "zero_init_steps", zero_init_steps),
         use_zero_star=bool(use_zero_star),
         space=check_space(space),
     )

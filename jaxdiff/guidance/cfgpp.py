@@ -9,6 +9,7 @@ import jax
 from jax.typing import ArrayLike
 
 from jaxdiff.guidance.base import GuideOut, State, eval_branches, per_sample
+from jaxdiff.guidance.checks import check_number
 
 
 @flax.struct.dataclass
@@ -21,8 +22,9 @@ class CFGPlusPlus:
         x_next = D_lambda + (sigma_next / sigma) (x - D_u)
 
     which is CFG with the step-dependent scale ``w = lambda sigma / (sigma - sigma_next)``.
-    Only solvers that honour ``GuideOut.x0_renoise`` (Euler and DDIM) do CFG++; the others
-    (Heun, DPM-Solver++, Euler ancestral) see plain CFG with ``w = lambda``.
+    Euler, DDIM and Euler ancestral honour ``GuideOut.x0_renoise``; :func:`~jaxdiff.samplers.sample`
+    refuses CFG++ with the other solvers (Heun, EDM stochastic, DPM-Solver++(2M)), which
+    would silently turn it into plain CFG with ``w = lambda``.
 
     Attributes:
         scale: ``lambda`` in ``[0, 1]`` (scalar or ``[B]``); 1 gives ``x0 = D_c``.
@@ -49,5 +51,9 @@ def cfgpp(scale: ArrayLike = 0.6) -> CFGPlusPlus:
 
     Reference: H. Chung et al., "CFG++: Manifold-constrained Classifier Free Guidance for
     Diffusion Models", ICLR 2025 (``CFGpp-diffusion/CFGpp``).
+
+    Raises:
+        InvalidArgumentError: for a NaN or infinite concrete ``scale``.
     """
+    check_number("cfgpp", "scale", scale, example=0.6)
     return CFGPlusPlus(scale=scale)

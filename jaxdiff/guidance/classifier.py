@@ -10,8 +10,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff.diffusion.formulation import expand_to
 from jaxdiff.guidance.base import GuideOut, State, batch_sigma, per_sample
+from jaxdiff.guidance.checks import (
+    check_choice,
+    check_number,
+    check_target,
+    int_labels,
+    require_callable,
+)
 
 LogProbFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 """``log_prob_fn(x, sigma, y) -> [B]``: ``log p(y_b | x_b, sigma_b)`` per sample."""
@@ -19,12 +25,11 @@ LogProbFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 BASES = ("uncond", "cond")
 
 
-def _labels(target: ArrayLike | None, cond: Any, x: jax.Array) -> jax.Array:
+def _labels(what: str, target: ArrayLike | None, cond: Any, x: jax.Array) -> jax.Array:
+    """The ``[B]`` class labels to guide towards: ``target``, else the ``cond`` labels."""
     if target is not None:
         return jnp.broadcast_to(jnp.asarray(target, jnp.int32), x.shape[:1])
-    if cond is None:
-        raise ValueError("classifier guidance needs class labels: pass cond= or target=")
-    return cond
+    return int_labels(what, cond, x, alternative=" or set target=<class>")
 
 
 @flax.struct.dataclass
@@ -55,6 +60,8 @@ class ClassifierGuidance:
     log_prob_fn: LogProbFn | None = flax.struct.field(pytree_node=False, default=None)
     base: str = flax.struct.field(pytree_node=False, default="uncond")
 
+    what = "classifier guidance"  # a class attribute (no annotation): for messages
+
     def init(self, x_shape: tuple[int, ...], dtype: Any) -> State:
         """No state."""
         return ()
@@ -62,23 +69,27 @@ class ClassifierGuidance:
     def __call__(self, denoise, x: jax.Array, ctx, cond, uncond, state):
         """Returns the classifier-guided x0 estimate."""
         sigma = batch_sigma(ctx.sigma, x)
+        y = _labels(self.what, self.target, cond, x)
         d = denoise(x, sigma, uncond if self.base == "uncond" else cond)
-        y = _labels(self.target, cond, x)
         grad = jax.grad(lambda xx: jnp.sum(self.log_prob_fn(xx, sigma, y)))(x)
-        x0 = d + per_sample(self.scale, x) * expand_to(sigma, x) ** 2 * grad
+        x0 = d + per_sample(self.scale, x) * per_sample(sigma, x) ** 2 * grad
         return GuideOut(x0=x0, nfe=1), state
 
 
-def _check(log_prob_fn: Any, base: str, what: str) -> None:
-    if log_prob_fn is None:
-        raise TypeError(f"{what} needs log_prob_fn=<noise-aware classifier>; none was given")
-    if base not in BASES:
-        raise ValueError(f"base must be one of {BASES}, got {base!r}")
+def _check(what: str, scale: Any, log_prob_fn: Any, target: Any, base: str) -> None:
+    """The argument checks classifier and minority guidance share."""
+    check_number(what, "scale", scale, example=1.0)
+    require_callable(
+        what, "log_prob_fn", log_prob_fn, "noise-aware classifier (x, sigma, y) -> [B]"
+    )
+    check_target(what, target)
+    check_choice(what, "base", base, BASES)
 
 
 def classifier_guidance(
     scale: ArrayLike = 1.0,
-    log_prob_fn: LogProbFn | None = None,
+    *,
+    log_prob_fn: LogProbFn,
     target: ArrayLike | None = None,
     base: str = "uncond",
 ) -> ClassifierGuidance:
@@ -92,12 +103,15 @@ def classifier_guidance(
 
     Args:
         scale: ``s``.
-        log_prob_fn: ``log_prob_fn(x, sigma, y) -> [B]`` log-probabilities (required).
-        target: class to guide towards; None = the ``cond`` labels.
+        log_prob_fn: ``log_prob_fn(x, sigma, y) -> [B]`` log-probabilities (required,
+            keyword only).
+        target: class to guide towards; None = the ``cond`` labels, which must then be
+            integer class labels (checked when the sampler is traced).
         base: ``"uncond"`` or ``"cond"``: the conditioning the denoiser sees.
 
     Raises:
-        TypeError: without ``log_prob_fn`` (e.g. from a ``--guidance`` string).
+        InvalidArgumentError: for a non-finite ``scale``, a ``log_prob_fn`` that is not
+            callable, a negative or fractional ``target``, or another ``base``.
     """
-    _check(log_prob_fn, base, "classifier guidance")
+    _check("classifier guidance", scale, log_prob_fn, target, base)
     return ClassifierGuidance(scale=scale, target=target, log_prob_fn=log_prob_fn, base=base)

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff.diffusion.formulation import expand_to
 from jaxdiff.guidance.base import GuideOut, State, batch_sigma, per_sample
+from jaxdiff.guidance.checks import check_choice, check_number, check_target, require_callable
 from jaxdiff.guidance.classifier import BASES, _labels
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -88,17 +88,17 @@ class EluCD:
     def __call__(self, denoise, x: jax.Array, ctx, cond, uncond, state):
         """Returns the guided x0 estimate (1 evaluation + classifier forward/backward)."""
         sigma = batch_sigma(ctx.sigma, x)
+        y = _labels("elucd", self.target, cond, x)
         d = denoise(x, sigma, uncond if self.base == "uncond" else cond)
-        y = _labels(self.target, cond, x)
 
         def objective(x0):
             logits = self.logits_fn(x0).astype(jnp.float32)
             return jnp.sum(calibrated_log_likelihood(logits, y, self.temperature, self.discount))
 
         grad = jax.grad(objective)(jax.lax.stop_gradient(d))
-        frac = ctx.i.astype(jnp.float32) / max(ctx.num_steps - 1, 1)
+        frac = jnp.asarray(ctx.i).astype(x.dtype) / max(ctx.num_steps - 1, 1)
         boost = 1.0 + per_sample(self.boost, x) * jnp.sin(jnp.pi * frac)
-        sig = expand_to(sigma, x)
+        sig = per_sample(sigma, x)
         weight = per_sample(self.scale, x) * sig**2 / jnp.sqrt(1.0 + sig**2) * boost
         x0 = d + weight * grad
         return GuideOut(x0=x0, nfe=1), state
@@ -106,7 +106,8 @@ class EluCD:
 
 def elucd(
     scale: ArrayLike = 1.0,
-    logits_fn: LogitsFn | None = None,
+    *,
+    logits_fn: LogitsFn,
     temperature: ArrayLike = 1.0,
     discount: ArrayLike = 0.5,
     boost: ArrayLike = 0.0,
@@ -124,20 +125,26 @@ def elucd(
 
     Args:
         scale: ``s``.
-        logits_fn: clean-data classifier ``x0 -> [B, K]`` logits (required).
-        temperature: ``tau1``.
-        discount: ``tau2 / tau1``.
-        boost: sine schedule boost.
-        target: class to guide towards; None = the ``cond`` labels.
+        logits_fn: clean-data classifier ``x0 -> [B, K]`` logits (required, keyword only).
+        temperature: ``tau1 > 0``.
+        discount: ``tau2 / tau1 >= 0``.
+        boost: sine schedule boost ``>= 0``.
+        target: class to guide towards; None = the ``cond`` labels, which must then be
+            integer class labels (checked when the sampler is traced).
         base: ``"cond"`` or ``"uncond"``.
 
     Raises:
-        TypeError: without ``logits_fn``.
+        InvalidArgumentError: for a non-finite ``scale``, a ``temperature``, ``discount``
+            or ``boost`` out of range, a ``logits_fn`` that is not callable, a negative or
+            fractional ``target``, or another ``base``.
     """
-    if logits_fn is None:
-        raise TypeError("elucd needs logits_fn=<clean-data classifier>; none was given")
-    if base not in BASES:
-        raise ValueError(f"base must be one of {BASES}, got {base!r}")
+    check_number("elucd", "scale", scale, example=1.0)
+    require_callable("elucd", "logits_fn", logits_fn, "clean-data classifier x0 -> [B, K]")
+    check_number("elucd", "temperature", temperature, low=0.0, open_low=True, example=1.0)
+    check_number("elucd", "discount", discount, low=0.0, example=0.5)
+    check_number("elucd", "boost", boost, low=0.0, example=0.3)
+    check_target("elucd", target)
+    check_choice("elucd", "base", base, BASES)
     return EluCD(
         scale=scale,
         temperature=temperature,

@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.guidance.autoguidance import Autoguidance
 from jaxdiff.guidance.base import GuideOut, State, batch_sigma, per_sample
+from jaxdiff.guidance.checks import check_number, int_labels, require_callable
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -75,11 +77,13 @@ class GFCG:
     def __call__(self, denoise, x: jax.Array, ctx, cond, uncond, state):
         """Returns the GFCG x0 estimate: 2 evaluations, 3 with ``autoguide``."""
         del uncond
+        cond = int_labels("gfcg", cond, x)
         sigma = batch_sigma(ctx.sigma, x)
         d_c = denoise(x, sigma, cond)
         logits = jax.lax.stop_gradient(self.logits_fn(d_c))
         scale = jnp.broadcast_to(jnp.asarray(self.scale, jnp.float32), x.shape[:1])
         c_ref, w_t = reference_class(logits, cond, scale)
+        c_ref = c_ref.astype(cond.dtype)  # the denoiser sees the same label dtype
         d_ref = denoise(x, sigma, c_ref)
         nfe = 2
         base = d_c
@@ -92,26 +96,34 @@ class GFCG:
 
 def gfcg(
     scale: ArrayLike = 1.0,
-    logits_fn: LogitsFn | None = None,
+    *,
+    logits_fn: LogitsFn,
     autoguide: Autoguidance | None = None,
 ) -> GFCG:
     """Gradient-free classifier guidance; see :class:`GFCG` (the rule is documented there).
 
     ``D = base + w_t (D_c - D_{c_ref})`` with ``base = D_c``, or autoguidance's
     ``D_bad + w_ag (D_c - D_bad)`` for ``autoguide=autoguidance(w_ag, bad_denoise)``.
-    Needs ``cond`` to hold real class labels ``[B]``.
+    Needs ``cond`` to hold integer class labels ``[B]`` (checked when the sampler is
+    traced).
 
     Reference: P. Shenoy et al., "Gradient-Free Classifier Guidance for Diffusion Model
     Sampling", arXiv 2411.15393 (2024).
 
     Args:
         scale: ``w``, the largest adaptive scale.
-        logits_fn: clean-data classifier ``x0 -> [B, K]`` logits (required).
+        logits_fn: clean-data classifier ``x0 -> [B, K]`` logits (required, keyword only).
         autoguide: optional autoguidance supplying the base and its guiding model.
 
     Raises:
-        TypeError: without ``logits_fn``.
+        InvalidArgumentError: for a non-finite ``scale``, a ``logits_fn`` that is not
+            callable, or an ``autoguide`` that is not an :class:`Autoguidance`.
     """
-    if logits_fn is None:
-        raise TypeError("gfcg needs logits_fn=<clean-data classifier>; none was given")
+    check_number("gfcg", "scale", scale, example=1.0)
+    require_callable("gfcg", "logits_fn", logits_fn, "clean-data classifier x0 -> [B, K]")
+    if autoguide is not None and not isinstance(autoguide, Autoguidance):
+        raise InvalidArgumentError(
+            f"gfcg: autoguide must be an Autoguidance or None, got {autoguide!r}; pass "
+            "autoguide=autoguidance(w, guide_denoise=...)"
+        )
     return GFCG(scale=scale, logits_fn=logits_fn, autoguide=autoguide)

@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.guidance.base import GuideOut, State, batch_sigma
 from jaxdiff.guidance.cfg import CFG
+from jaxdiff.guidance.checks import check_number, concrete
 from jaxdiff.guidance.switch import cond_guidance
 
 
@@ -67,6 +69,17 @@ class Interval:
         return cond_guidance(on, guided, cond_only)
 
 
+def _check_window(what: str, sigma_lo: ArrayLike, sigma_hi: ArrayLike) -> None:
+    check_number(what, "sigma_lo", sigma_lo, low=0.0, example=0.28)
+    check_number(what, "sigma_hi", sigma_hi, low=0.0, allow_inf=True, example=1.61)
+    lo, hi = concrete(what, "sigma_lo", sigma_lo), concrete(what, "sigma_hi", sigma_hi)
+    if lo is not None and hi is not None and not np.all(lo < hi):
+        raise InvalidArgumentError(
+            f"{what}: the window (sigma_lo, sigma_hi] is empty, got sigma_lo={sigma_lo!r} >= "
+            f"sigma_hi={sigma_hi!r}; pass sigma_lo < sigma_hi, e.g. sigma_lo=0.28,sigma_hi=1.61"
+        )
+
+
 def within_interval(
     guidance: Any, sigma_lo: ArrayLike = 0.28, sigma_hi: ArrayLike = 1.61, per_step: bool = True
 ) -> Interval:
@@ -74,7 +87,12 @@ def within_interval(
 
     E.g. ``within_interval(apg(3.0), 0.3, 5.0)`` is APG inside the window and the
     conditional denoiser outside it. See :class:`Interval`.
+
+    Raises:
+        InvalidArgumentError: for a negative or NaN bound or ``sigma_lo >= sigma_hi``
+            (``sigma_hi`` may be ``inf``).
     """
+    _check_window("within_interval", sigma_lo, sigma_hi)
     return Interval(inner=guidance, sigma_lo=sigma_lo, sigma_hi=sigma_hi, per_step=per_step)
 
 
@@ -105,8 +123,14 @@ def interval(
         sigma_lo: exclusive lower end of the window.
         sigma_hi: inclusive upper end of the window.
         per_step: decide once per solver step (reference behaviour) or per evaluation.
+
+    Raises:
+        InvalidArgumentError: for a non-finite ``scale``, a negative or NaN bound, or
+            ``sigma_lo >= sigma_hi``.
     """
-    return within_interval(CFG(scale=scale), sigma_lo, sigma_hi, per_step)
+    check_number("interval", "scale", scale)
+    _check_window("interval", sigma_lo, sigma_hi)
+    return Interval(inner=CFG(scale=scale), sigma_lo=sigma_lo, sigma_hi=sigma_hi, per_step=per_step)
 
 
 def interval_from_steps(sigmas: ArrayLike, first: int, last: int) -> tuple[float, float]:
@@ -120,8 +144,14 @@ def interval_from_steps(sigmas: ArrayLike, first: int, last: int) -> tuple[float
         sigmas: the ``[N + 1]`` schedule.
         first: first guided step index.
         last: last guided step index (``< N``).
+
+    Raises:
+        InvalidArgumentError: unless ``0 <= first <= last < N``.
     """
     s = np.asarray(sigmas, np.float32)
     if not 0 <= first <= last < s.shape[0] - 1:
-        raise ValueError(f"need 0 <= first <= last < {s.shape[0] - 1}, got {first}, {last}")
+        raise InvalidArgumentError(
+            f"need 0 <= first <= last < {s.shape[0] - 1} (the number of steps), got "
+            f"first={first}, last={last}: pass an inclusive range of step indices"
+        )
     return float(s[last + 1]), float(s[first])

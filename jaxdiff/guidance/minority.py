@@ -35,11 +35,13 @@ class MinorityGuidance(ClassifierGuidance):
     """
 
     scale: ArrayLike = 3.5
+    what = "minority guidance"
 
 
 def minority(
     scale: ArrayLike = 3.5,
-    log_prob_fn: LogProbFn | None = None,
+    *,
+    log_prob_fn: LogProbFn,
     target: ArrayLike | None = None,
     base: str = "uncond",
 ) -> MinorityGuidance:
@@ -54,12 +56,14 @@ def minority(
 
     Args:
         scale: ``s``.
-        log_prob_fn: the noise-aware minority-score classifier (required).
-        target: minority class to guide towards; None = the ``cond`` labels.
+        log_prob_fn: the noise-aware minority-score classifier (required, keyword only).
+        target: minority class to guide towards; None = the ``cond`` labels, which must
+            then be integer class labels (checked when the sampler is traced).
         base: ``"uncond"`` or ``"cond"``.
 
     Raises:
-        TypeError: without ``log_prob_fn``.
+        InvalidArgumentError: for a non-finite ``scale``, a ``log_prob_fn`` that is not
+            callable, a negative or fractional ``target``, or another ``base``.
     """
-    _check(log_prob_fn, base, "minority guidance")
+    _check("minority guidance", scale, log_prob_fn, target, base)
     return MinorityGuidance(scale=scale, target=target, log_prob_fn=log_prob_fn, base=base)

@@ -9,7 +9,9 @@ import flax.struct
 import jax
 from jax.typing import ArrayLike
 
+from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.guidance.base import GuideOut, State, batch_sigma, eval_branches, per_sample
+from jaxdiff.guidance.checks import check_number
 from jaxdiff.guidance.switch import cond_guidance
 
 
@@ -86,8 +88,15 @@ class PerturbedGuidance:
 
 
 def _make(variant, perturb_scale, scale, start, stop) -> PerturbedGuidance:
-    if not 0.0 <= start <= stop <= 1.0:
-        raise ValueError(f"need 0 <= start <= stop <= 1, got start={start}, stop={stop}")
+    check_number(variant, f"{variant}_scale", perturb_scale, example=3.0)
+    check_number(variant, "scale", scale, none_ok=True)
+    for name, value in (("start", start), ("stop", stop)):
+        check_number(variant, name, value, low=0.0, high=1.0, example=0.5)
+    if not start <= stop:
+        raise InvalidArgumentError(
+            f"{variant}: the step window needs start <= stop (fractions of the steps in "
+            f"[0, 1]), got start={start!r}, stop={stop!r}; pass e.g. start=0.01,stop=0.2"
+        )
     return PerturbedGuidance(
         perturb_scale=perturb_scale,
         scale=scale,
@@ -117,6 +126,10 @@ def pag(
         scale: CFG ``w``, or None for no unconditional branch.
         start: window start (fraction of steps).
         stop: window end (fraction of steps).
+
+    Raises:
+        InvalidArgumentError: for a non-finite scale or a window outside
+            ``0 <= start <= stop <= 1``.
     """
     return _make("pag", pag_scale, scale, start, stop)
 
@@ -142,5 +155,9 @@ def slg(
         scale: CFG ``w``, or None for no unconditional branch.
         start: window start (fraction of steps).
         stop: window end (fraction of steps).
+
+    Raises:
+        InvalidArgumentError: for a non-finite scale or a window outside
+            ``0 <= start <= stop <= 1``.
     """
     return _make("slg", slg_scale, scale, start, stop)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxdiff.guidance.base import GuideOut, State, eval_branches, per_sample
+from jaxdiff.guidance.checks import check_number
 from jaxdiff.guidance.spaces import check_space, from_space, to_space
 
 
@@ -71,7 +72,13 @@ def rescale(scale: ArrayLike = 2.0, phi: ArrayLike = 0.7, space: str = "v") -> C
 
     Args:
         scale: CFG scale ``w``.
-        phi: rescale strength (0 = plain CFG).
+        phi: rescale strength in ``[0, 1]`` (0 = plain CFG).
         space: ``"v"``, ``"x0"``, ``"eps"`` or ``"flow"``.
+
+    Raises:
+        InvalidArgumentError: for a non-finite ``scale``, ``phi`` outside ``[0, 1]`` or an
+            unknown space.
     """
+    check_number("rescale", "scale", scale)
+    check_number("rescale", "phi", phi, low=0.0, high=1.0, example=0.7)
     return CFGRescale(scale=scale, phi=phi, space=check_space(space))

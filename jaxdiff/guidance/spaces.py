@@ -22,7 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.diffusion.formulation import expand_to
+from jaxdiff.errors import InvalidArgumentError
+from jaxdiff.guidance.base import per_sample
 
 SPACES = ("x0", "eps", "v", "flow")
 """The accepted ``space=`` names."""
@@ -32,10 +33,12 @@ def check_space(space: str) -> str:
     """Returns ``space`` if it is one of :data:`SPACES`.
 
     Raises:
-        ValueError: for an unknown space.
+        InvalidArgumentError: for an unknown space.
     """
     if space not in SPACES:
-        raise ValueError(f"unknown guidance space {space!r}: choose one of {SPACES}")
+        raise InvalidArgumentError(
+            f"unknown guidance space {space!r}: choose one of {', '.join(SPACES)} (e.g. space=x0)"
+        )
     return space
 
 
@@ -50,7 +53,7 @@ def to_space(space: str, x0: jax.Array, x: jax.Array, sigma: jax.Array) -> jax.A
     """
     if check_space(space) == "x0":
         return x0
-    s = expand_to(sigma, x)
+    s = per_sample(sigma, x)
     eps = (x - x0) / s
     if space == "eps":
         return eps
@@ -63,7 +66,7 @@ def from_space(space: str, y: jax.Array, x: jax.Array, sigma: jax.Array) -> jax.
     """Inverse of :func:`to_space`: the x0 estimate whose ``space`` value is ``y``."""
     if check_space(space) == "x0":
         return y
-    s = expand_to(sigma, x)
+    s = per_sample(sigma, x)
     if space == "eps":
         return x - s * y
     if space == "v":

@@ -1,16 +1,26 @@
 """Samplers: one scan driver (:func:`sample`) and one solver per module."""
 
-from jaxdiff.samplers.ancestral import DDIM, EulerAncestral, ancestral_split, ddim, euler_ancestral
+import inspect
+
+from jaxdiff.errors import InvalidArgumentError
+from jaxdiff.samplers.ancestral import (
+    DDIM,
+    EulerAncestral,
+    ancestral_split,
+    ancestral_update,
+    ddim,
+    euler_ancestral,
+)
 from jaxdiff.samplers.base import (
     EvalState,
     Solver,
+    batch_keys,
     normal_like,
     per_sample_normal,
-    sample_keys,
     step_keys,
 )
 from jaxdiff.samplers.dpmpp_2m import DPMSolverPP2M, dpmpp_2m
-from jaxdiff.samplers.driver import sample
+from jaxdiff.samplers.driver import sample, sampling_dtype
 from jaxdiff.samplers.edm_stochastic import EDMStochastic, edm_stochastic
 from jaxdiff.samplers.euler import Euler, euler, euler_update
 from jaxdiff.samplers.heun import Heun, heun, heun_update
@@ -26,15 +36,26 @@ SOLVERS = {
 """Solver factories by name (for the CLI)."""
 
 
-def get_solver(name: str, **kwargs) -> Solver:
-    """Builds a solver by name, e.g. ``get_solver("ddim", eta=1.0)``.
+def get_solver(name: str, *args, **kwargs) -> Solver:
+    """Builds a solver by name, e.g. ``get_solver("ddim", eta=1.0)`` or ``("ddim", 1.0)``.
 
     Raises:
-        ValueError: for an unknown name.
+        InvalidArgumentError: for an unknown name, arguments the solver does not take, or
+            an out-of-range value.
     """
     if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}: choose one of {sorted(SOLVERS)}")
-    return SOLVERS[name](**kwargs)
+        raise InvalidArgumentError(
+            f"unknown solver {name!r}: choose one of {', '.join(sorted(SOLVERS))}"
+        )
+    signature = inspect.signature(SOLVERS[name])
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as err:
+        raise InvalidArgumentError(
+            f"bad arguments for solver {name!r} ({err}): it takes "
+            f"{', '.join(signature.parameters) or 'no arguments'}"
+        ) from None
+    return SOLVERS[name](*args, **kwargs)
 
 
 __all__ = [
@@ -48,6 +69,8 @@ __all__ = [
     "Heun",
     "Solver",
     "ancestral_split",
+    "ancestral_update",
+    "batch_keys",
     "ddim",
     "dpmpp_2m",
     "edm_stochastic",
@@ -60,6 +83,6 @@ __all__ = [
     "normal_like",
     "per_sample_normal",
     "sample",
-    "sample_keys",
+    "sampling_dtype",
     "step_keys",
 ]

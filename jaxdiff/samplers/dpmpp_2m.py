@@ -18,6 +18,8 @@ class DPMSolverPP2M(Solver):
     ``x0_d = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}`` and ``r = h_{i-1} / h`` extrapolates
     from the previous step's estimate (kept in the solver state, so shapes stay fixed).
     The first step and a step that lands on sigma 0 are first order. Order 2; NFE = N.
+    It has no place for a separate re-noising estimate, so
+    :func:`~jaxdiff.samplers.sample` refuses CFG++ with it.
     """
 
     def init(self, x, sigmas):

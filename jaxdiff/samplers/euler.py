@@ -27,7 +27,10 @@ class Euler(Solver):
     """Euler's method in sigma (EDM) space: order 1, NFE = N.
 
     In sigma space Euler is DDIM with ``eta = 0`` (and rectified-flow Euler for flow models).
+    It honours ``GuideOut.x0_renoise`` (CFG++), see :func:`euler_update`.
     """
+
+    honours_renoise = True
 
     def step(self, den, x, i, sigmas, state, ev, key):
         """See :class:`Solver`."""

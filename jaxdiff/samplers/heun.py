@@ -35,7 +35,9 @@ def heun_update(
 class Heun(Solver):
     """Heun's method (EDM's deterministic sampler): order 2, NFE = 2N - 1 with a final 0.
 
-    EDM's CIFAR-10 setting is 18 steps of the Karras schedule = 35 evaluations.
+    EDM's CIFAR-10 setting is 18 steps of the Karras schedule = 35 evaluations. It has no
+    place for a separate re-noising estimate, so :func:`~jaxdiff.samplers.sample` refuses
+    CFG++ with it.
     """
 
     def step(self, den, x, i, sigmas, state, ev, key):
