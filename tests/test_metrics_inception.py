@@ -18,9 +18,9 @@ from jaxdiff.metrics import (
     save_statistics,
 )
 from jaxdiff.metrics.convert_inception import convert_state_dict
-from jaxdiff.metrics.inception import (
+from jaxdiff.metrics.inception import preprocess
+from jaxdiff.metrics.inception_weights import (
     inception_variable_shapes,
-    preprocess,
     random_inception_variables,
     save_inception_variables,
 )

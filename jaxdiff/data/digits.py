@@ -20,8 +20,6 @@ import numpy as np
 NUM_TEST = 297
 #: Number of classes (digits 0-9).
 NUM_CLASSES = 10
-#: Shape of one image, HWC.
-IMAGE_SHAPE = (8, 8, 1)
 SPLITS = ("train", "test", "all")
 _SPLIT_SEED = 20240521
 

@@ -13,7 +13,6 @@ from jaxdiff.diffusion.edm import EDM
 from jaxdiff.diffusion.flow import FlowMatching
 from jaxdiff.diffusion.formulation import Cond, Denoiser, Formulation, NetFn, Precond, expand_to
 from jaxdiff.diffusion.schedules import (
-    SCHEDULES,
     flow_sigmas,
     karras_sigmas,
     log_linear_sigmas,
@@ -58,7 +57,6 @@ def get_formulation(name: str, **kwargs) -> Formulation:
 __all__ = [
     "EDM",
     "FORMULATIONS",
-    "SCHEDULES",
     "Cond",
     "CosineVPSchedule",
     "Denoiser",

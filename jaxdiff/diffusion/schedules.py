@@ -129,7 +129,3 @@ def flow_sigmas(
     t = shift * t / (1.0 + (shift - 1.0) * t)
     sigmas = t / (1.0 - t)
     return (sigmas if append_zero else sigmas[:-1]).astype(np.float32)
-
-
-SCHEDULES = {"karras": karras_sigmas, "log_linear": log_linear_sigmas, "flow": flow_sigmas}
-"""Schedules that need no VP schedule object, by name (for the CLI)."""

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxdiff.metrics.inception import save_inception_variables
+from jaxdiff.metrics.inception_weights import save_inception_variables
 from jaxdiff.metrics.weights import file_sha256, unflatten_tree
 
 _IGNORED_PREFIXES = ("fc.", "AuxLogits.")
