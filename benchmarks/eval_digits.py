@@ -2,11 +2,11 @@
 
 Usage::
 
-    python benchmarks/eval_digits.py --workdir=/tmp/r3 --num=2000
+    python -m benchmarks.eval_digits --workdir=/tmp/r3 --num=2000
 
 For each sampler setting it draws ``--num`` class-conditional samples (labels cycle
 0..9, sample ``j`` seeded by ``fold_in(key(seed), j)``) with
-:func:`jaxdiff.metrics.sample_and_evaluate` and reports the ``fd_digits`` evaluator's
+:func:`jaxdiff.experiment.sample_and_evaluate` and reports the ``fd_digits`` evaluator's
 metrics against the digits ``"train"`` split. ``FD@297`` recomputes FD-digits on the
 first 297 samples, the size of the held-out ``"test"`` split, so the generated rows can
 be compared with the real-data reference row (FD-digits is biased upwards at small N).
@@ -25,13 +25,10 @@ import time
 import jax
 
 from jaxdiff.data import load_digits
-from jaxdiff.diffusion import karras_sigmas
-from jaxdiff.guidance import parse_guidance
-from jaxdiff.inference import load_run
-from jaxdiff.metrics import evaluate_samples, get_evaluator, sample_and_evaluate
+from jaxdiff.experiment import load_run, resolve_sampler, sample_and_evaluate
+from jaxdiff.metrics import evaluate_samples, get_evaluator
 from jaxdiff.metrics.classifier import accuracy, load_classifier
 from jaxdiff.parallel import make_mesh
-from jaxdiff.samplers import get_solver
 
 SETTINGS = (
     ("heun", 18, "cfg:2.0"),
@@ -65,9 +62,8 @@ def main() -> None:
         f"jax {jax.__version__}  devices {jax.devices()}"
     )
     print(f"classifier held-out accuracy: {accuracy(clf, test_images, test_labels):.4f}")
-    run = load_run(args.workdir)
+    run = load_run(args.workdir, mesh=make_mesh())
     print(f"run {args.workdir}: step {run.step}, {run.num_classes} classes")
-    mesh = make_mesh()
     evaluator = get_evaluator("fd_digits", classifier=clf)
     header = (
         "| setting | NFE | N | FD-digits | FD@297 | precision | recall | density | coverage "
@@ -92,10 +88,13 @@ def main() -> None:
             evaluator,
             args.num,
             args.seed,
-            mesh,
-            solver=get_solver(solver),
-            sigmas=karras_sigmas(steps, run.config.sample.sigma_min, run.config.sample.sigma_max),
-            guidance=parse_guidance(guidance),
+            spec=resolve_sampler(
+                run.config.sample,
+                num_classes=run.num_classes,
+                solver=solver,
+                steps=steps,
+                guidance=guidance,
+            ),
             batch_size=args.batch_size,
             return_samples=True,
         )

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python benchmarks/guidance.py                      # exact 2-D Gaussian mixture
-    python benchmarks/guidance.py --workdir=runs/digits  # also a trained digits run
+    python -m benchmarks.guidance                      # exact 2-D Gaussian mixture
+    python -m benchmarks.guidance --workdir=runs/digits  # also a trained digits run
 
 On the mixture (3 classes in 2-D, exact denoisers and classifiers, ``tests/mixture.py``)
 every method samples the same noise and labels with the same solver. The table reports
@@ -20,22 +20,14 @@ denoiser); on a trained UNet/DiT they use the real ``variant="pag"/"slg"`` passe
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
-)
-
-import mixture as mx  # noqa: E402
-
-from jaxdiff.diffusion import karras_sigmas  # noqa: E402
-from jaxdiff.guidance import (  # noqa: E402
+from jaxdiff.diffusion import karras_sigmas
+from jaxdiff.guidance import (
     ag,
     apg,
     autoguidance,
@@ -52,7 +44,9 @@ from jaxdiff.guidance import (  # noqa: E402
     slg,
     within_interval,
 )
-from jaxdiff.samplers import get_solver, sample  # noqa: E402
+from jaxdiff.samplers import get_solver, sample
+from jaxdiff.utils.rng import per_sample_keys
+from tests import mixture as mx  # the exact mixture of the tests (run from the repo root)
 
 W = 2.0
 
@@ -67,12 +61,14 @@ def mixture_methods():
         "rescale:2,phi=0.7": rescale(W),
         "apg:2 (eta=0,beta=-0.5,r=2.5)": apg(W),
         "ag:2,threshold=0.99": ag(W),
-        "autoguidance:2 (bad model s=0.9)": autoguidance(W, bad),
-        "classifier:1 (exact, on uncond)": classifier_guidance(1.0, mx.log_prob),
-        "elucd:0.05 (clean classifier)": elucd(0.05, mx.clean_logits),
-        "gfcg:1 (clean classifier)": gfcg(1.0, mx.clean_logits),
-        "gfcg:1 + autoguidance:2": gfcg(1.0, mx.clean_logits, autoguidance(W, bad)),
-        "minority:1,target=2 (exact)": minority(1.0, mx.log_prob, target=2),
+        "autoguidance:2 (bad model s=0.9)": autoguidance(W, guide_denoise=bad),
+        "classifier:1 (exact, on uncond)": classifier_guidance(1.0, log_prob_fn=mx.log_prob),
+        "elucd:0.05 (clean classifier)": elucd(0.05, logits_fn=mx.clean_logits),
+        "gfcg:1 (clean classifier)": gfcg(1.0, logits_fn=mx.clean_logits),
+        "gfcg:1 + autoguidance:2": gfcg(
+            1.0, logits_fn=mx.clean_logits, autoguide=autoguidance(W, guide_denoise=bad)
+        ),
+        "minority:1,target=2 (exact)": minority(1.0, log_prob_fn=mx.log_prob, target=2),
         "cfgpp:0.6": cfgpp(0.6),
         "cfg_zero_star:2": cfg_zero_star(W),
         "pag:3 (stand-in perturbation)": pag(3.0),
@@ -151,12 +147,12 @@ def run_mixture(num, steps, solver_name):
 
 
 def run_digits(workdir, num, steps, solver_name):
-    from jaxdiff.generate import make_generate_fn, sample_keys_for
-    from jaxdiff.inference import load_run
+    from jaxdiff.experiment import load_run
+    from jaxdiff.generate import make_generate_fn
 
     run = load_run(workdir)
     labels = jnp.asarray(np.arange(num) % max(run.num_classes, 1), jnp.int32)
-    keys = sample_keys_for(jax.random.key(0), 0, num)
+    keys = per_sample_keys(jax.random.key(0), num)
     methods = {
         "none (conditional)": None,
         "cfg:2": cfg(W),

@@ -3,11 +3,13 @@
 Usage (a trained digits run, a weaker run of the same model for autoguidance, and a
 noise-aware classifier for classifier/minority guidance)::
 
-    python -m jaxdiff.metrics.classifier --noise_aware --out=runs/noisy_classifier.npz
-    python benchmarks/guidance_grid.py --workdir=runs/digits --guide=runs/digits_early \\
+    python -m train --config=train/configs/digits_classifier.py --workdir=runs/clf \\
+        --config.noise_aware=True --config.out=runs/noisy_classifier.npz
+    python -m benchmarks.guidance_grid --workdir=runs/digits --guide=runs/digits_early \\
         --classifier=runs/noisy_classifier.npz --out=docs/guidance_grid.png
 
-Each row is Heun with 18 steps; column k is class k, seed j for column j.
+Each row is Heun with 18 steps (CFG++, which needs a solver that re-noises with its
+unconditional estimate, uses Euler); column k is class k, seed j for column j.
 """
 
 import argparse
@@ -16,9 +18,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-from jaxdiff.diffusion import karras_sigmas
-from jaxdiff.inference import build_guidance, generate_samples, load_run
-from jaxdiff.samplers import get_solver
+from jaxdiff.experiment import generate_samples, load_run, resolve_sampler
 from jaxdiff.utils.images import make_grid, upscale
 
 
@@ -54,21 +54,18 @@ def main() -> None:
     parser.add_argument("--out", default="docs/guidance_grid.png")
     args = parser.parse_args()
     run = load_run(args.workdir)
-    sc = run.config.sample
-    sigmas = karras_sigmas(args.steps, sc.sigma_min, sc.sigma_max, sc.rho)
     labels = np.arange(run.num_classes, dtype=np.int32)
     rows, names = [], []
     for spec in specs(args.guide, args.classifier):
         start = time.perf_counter()
-        x, nfe = generate_samples(
-            run,
-            num=len(labels),
-            solver=get_solver("heun"),
-            sigmas=sigmas,
-            guidance=build_guidance(spec),
-            labels=labels,
-            seed=args.seed,
+        sampler = resolve_sampler(
+            run.config.sample,
+            num_classes=run.num_classes,
+            solver="euler" if spec.startswith("cfgpp") else "heun",
+            steps=args.steps,
+            guidance=spec,
         )
+        x, nfe = generate_samples(run, sampler, num=len(labels), labels=labels, seed=args.seed)
         rows.append(x)
         name = spec.split(",guide=")[0].split(",classifier=")[0]
         names.append(f"{name} ({nfe} NFE)")

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/throughput.py --workdir=runs/digits [--batch=64] [--sample_batch=100]
+    python -m benchmarks.throughput --workdir=runs/digits [--batch=64] [--sample_batch=100]
 
 Prints a markdown table (paste it into docs/benchmarks.md with the device and date).
 FLOPs: the train step's come from XLA's ``cost_analysis()`` of the compiled step (on GPU it
@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.diffusion import karras_sigmas
-from jaxdiff.generate import make_generate_fn, sample_keys_for
+from jaxdiff.experiment import load_run
+from jaxdiff.generate import make_generate_fn
 from jaxdiff.guidance import cfg
-from jaxdiff.inference import load_run
 from jaxdiff.samplers import euler, heun
 from jaxdiff.training import create_train_state, make_optimizer, make_train_step
+from jaxdiff.utils.rng import per_sample_keys
 
 
 def _compile(jitted, *args):
@@ -72,7 +73,7 @@ def main() -> None:
     forward_flops = flops / args.batch / 3.0  # a train step is ~3 forward passes
 
     labels = jnp.arange(args.sample_batch) % max(run.num_classes, 1)
-    keys = sample_keys_for(jax.random.key(1), 0, args.sample_batch)
+    keys = per_sample_keys(jax.random.key(1), args.sample_batch)
     settings = [
         ("Heun 18 steps + CFG 2.0", heun(), karras_sigmas(18), cfg(2.0)),
         ("Heun 18 steps, no guidance", heun(), karras_sigmas(18), None),

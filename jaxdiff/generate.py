@@ -14,6 +14,7 @@ from jaxdiff.diffusion.formulation import Denoiser, Formulation
 from jaxdiff.guidance.base import Guidance
 from jaxdiff.samplers.base import Solver
 from jaxdiff.samplers.driver import sample
+from jaxdiff.utils.rng import start_noise
 
 
 def model_denoiser(
@@ -34,13 +35,15 @@ def model_denoiser(
     return formulation.as_denoiser(net)
 
 
-def sample_keys_for(key: jax.Array, start: int | jax.Array, count: int) -> jax.Array:
-    """Per-sample keys ``fold_in(key, start + j)`` for global sample indices.
+def class_conditions(labels: jax.Array | None, num_classes: int) -> tuple[Any, Any]:
+    """``(cond, uncond)`` for class labels: the null class is label ``num_classes``.
 
-    Seeding by global index makes a sample independent of batch size, chunking and device
-    count: sample 5 is the same image whether drawn alone or among 10,000.
+    An unconditional model (``num_classes = 0``) gets ``(None, None)``.
     """
-    return jax.vmap(lambda j: jax.random.fold_in(key, j))(start + jnp.arange(count))
+    if num_classes == 0:
+        return None, None
+    cond = jnp.asarray(labels, jnp.int32)
+    return cond, jnp.full_like(cond, num_classes)
 
 
 def make_generate_fn(
@@ -70,14 +73,17 @@ def make_generate_fn(
     sigmas = jnp.asarray(sigmas, jnp.float32)
 
     def generate(params, labels, keys):
-        noise = jax.vmap(lambda k: jax.random.normal(k, sample_shape, jnp.float32))(keys)
-        cond = uncond = None
-        if num_classes > 0:
-            cond = jnp.asarray(labels, jnp.int32)
-            uncond = jnp.full_like(cond, num_classes)
+        cond, uncond = class_conditions(labels, num_classes)
         den = model_denoiser(model, formulation, params)
         return sample(
-            den, noise, sigmas, solver=solver, guidance=guidance, cond=cond, uncond=uncond, key=keys
+            den,
+            start_noise(keys, sample_shape),
+            sigmas,
+            solver=solver,
+            guidance=guidance,
+            cond=cond,
+            uncond=uncond,
+            key=keys,
         )
 
     return generate

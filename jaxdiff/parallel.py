@@ -9,14 +9,17 @@ data-parallel, FSDP or tensor-parallel by changing only the mesh shape and the r
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxdiff.utils.rng import per_sample_keys
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -190,3 +193,128 @@ def initialize_distributed(
 def is_main_process() -> bool:
     """True on process 0: the only one that logs, writes images and shows progress."""
     return jax.process_index() == 0
+
+
+def put_global(tree: Any, sharding: Any) -> Any:
+    """Places a pytree on ``sharding`` (one sharding or a matching tree of them).
+
+    Host values must be the same on every process (seeds, labels, feature-network
+    weights): each process supplies the shards it holds, which also works when the mesh
+    spans devices of other processes, where ``jax.device_put`` of a host value does not.
+    Values that already are ``jax.Array`` are resharded with ``jax.device_put``.
+    """
+
+    def put(x, s):
+        if isinstance(x, jax.Array):
+            return jax.device_put(x, s)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: put(x, sharding), tree)
+    return jax.tree.map(put, tree, sharding)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-process) global array as one host numpy array on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+@dataclasses.dataclass
+class BatchedOutput:
+    """What a :func:`make_sharded_generate` run returns (host arrays, ``num`` rows each).
+
+    Attributes:
+        samples: ``[num, ...]`` samples, or None when not kept.
+        extras: per-sample outputs of ``extra_fn`` (e.g. evaluation features), by name.
+        nfe: network evaluations per sample (the ``aux["nfe"]`` of ``generate``).
+    """
+
+    samples: np.ndarray | None
+    extras: dict[str, np.ndarray]
+    nfe: int
+
+
+def make_sharded_generate(
+    generate: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, dict]],
+    *,
+    mesh: Mesh,
+    num: int,
+    labels: Any,
+    batch_size: int,
+    param_shardings: Any = None,
+    extra_fn: Callable[[Any, jax.Array], dict[str, jax.Array]] | None = None,
+    extra_params: Any = None,
+) -> Callable[..., BatchedOutput]:
+    """Compiles ``generate`` once over global batches split across the mesh's batch axes.
+
+    The one loop that draws many samples: sample ``j`` is seeded by
+    ``fold_in(key(seed), j)`` (:func:`jaxdiff.utils.rng.per_sample_keys`), so the result
+    depends neither on ``batch_size`` nor on the device count. Each global batch
+    (``batch_size`` rounded up to a multiple of the ``data x fsdp`` shards) is one jitted
+    call with explicit shardings: params as ``param_shardings`` (default replicated),
+    labels, keys and outputs split over ``('data', 'fsdp')``. The last batch is padded
+    with extra seeds whose outputs are dropped, so every call has one shape.
+
+    Args:
+        generate: ``generate(params, labels, keys) -> (samples, aux)``, pure; ``aux``
+            holds ``"nfe"``.
+        mesh: a mesh with ``('data', 'fsdp', ...)`` axes.
+        num: number of samples.
+        labels: ``[num]`` int labels handed to ``generate`` (zeros for unconditional).
+        batch_size: global samples per call.
+        param_shardings: shardings of ``params`` on ``mesh`` (a pytree or one sharding).
+        extra_fn: optional ``extra_fn(extra_params, samples) -> {name: [B, ...]}`` run in
+            the same jitted call (e.g. evaluation features next to the sampler).
+        extra_params: ``extra_fn``'s params (replicated).
+
+    Returns:
+        ``run(params, seed, keep_samples=True) -> BatchedOutput``.
+    """
+    if num < 1 or batch_size < 1:
+        raise ValueError(f"num and batch_size must be >= 1, got {num} and {batch_size}")
+    labels = np.asarray(labels, np.int32)
+    if labels.shape != (num,):
+        raise ValueError(f"labels must have shape ({num},), got {labels.shape}")
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = -(-min(batch_size, num) // shards) * shards
+    num_batches = -(-num // batch)
+    padded = np.resize(labels, num_batches * batch).astype(np.int32)
+    b_sh, rep = batch_sharding(mesh), replicated(mesh)
+    p_sh = rep if param_shardings is None else param_shardings
+
+    def step(params, extra_params, seed, batch_labels, start):
+        key = jax.random.key(seed)
+        keys = jax.lax.with_sharding_constraint(per_sample_keys(key, batch, start), b_sh)
+        x, aux = generate(params, batch_labels, keys)
+        extras = {} if extra_fn is None else extra_fn(extra_params, x)
+        return x, extras, aux["nfe"]
+
+    jitted = jax.jit(
+        step, in_shardings=(p_sh, rep, rep, b_sh, rep), out_shardings=(b_sh, b_sh, rep)
+    )
+    extra_params = put_global(extra_params, rep)
+    label_batches = [
+        put_global(padded[i * batch : (i + 1) * batch], b_sh) for i in range(num_batches)
+    ]
+
+    def run(params: Any, seed: int, keep_samples: bool = True) -> BatchedOutput:
+        params = put_global(params, p_sh)
+        seed = put_global(np.uint32(seed), rep)
+        xs, extras, nfe = [], [], 0
+        for i in range(num_batches):
+            start = put_global(np.int32(i * batch), rep)
+            x, e, n = jitted(params, extra_params, seed, label_batches[i], start)
+            if keep_samples:
+                xs.append(to_host(x))
+            extras.append(jax.tree.map(to_host, e))
+            nfe = int(n)
+        merged = {k: np.concatenate([e[k] for e in extras])[:num] for k in extras[0]}
+        samples = np.concatenate(xs)[:num] if keep_samples else None
+        return BatchedOutput(samples, merged, nfe)
+
+    return run

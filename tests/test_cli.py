@@ -5,16 +5,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 from tiny import tiny_config
 
-from jaxdiff.diffusion import karras_sigmas
-from jaxdiff.guidance import cfg
-from jaxdiff.inference import generate_samples, load_run, parse_labels
-from jaxdiff.samplers import heun
-from jaxdiff.training import train_and_evaluate
+from jaxdiff.errors import InvalidArgumentError
+from jaxdiff.experiment import (
+    build_guidance,
+    generate_samples,
+    load_run,
+    parse_labels,
+    resolve_sampler,
+    train_and_evaluate,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,23 +43,44 @@ def _cli(*args, timeout=300):
     )
 
 
+def _spec(run, **overrides):
+    return resolve_sampler(run.config.sample, num_classes=run.num_classes, **overrides)
+
+
 def test_same_seed_same_images_at_any_batch_size(trained):
     run = load_run(trained)
-    kw = dict(
-        solver=heun(),
-        sigmas=karras_sigmas(4),
-        guidance=cfg(2.0),
-        labels=parse_labels(None, 64, run.num_classes),
-        seed=3,
+    spec = _spec(run, solver="heun", steps=4, guidance="cfg:2.0")
+    kw = dict(labels=parse_labels(None, 64, run.num_classes), seed=3)
+    big, nfe = generate_samples(run, spec, num=64, batch_size=64, **kw)
+    small, _ = generate_samples(
+        run, spec, num=8, batch_size=8, **{**kw, "labels": kw["labels"][:8]}
     )
-    big, nfe = generate_samples(run, num=64, batch_size=64, **kw)
-    small, _ = generate_samples(run, num=8, batch_size=8, **kw)
-    chunked, _ = generate_samples(run, num=24, batch_size=7, **kw)
+    chunked, _ = generate_samples(
+        run, spec, num=24, batch_size=7, **{**kw, "labels": kw["labels"][:24]}
+    )
     np.testing.assert_allclose(big[:8], small, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(big[:24], chunked, rtol=1e-5, atol=1e-5)
     assert nfe == 2 * (2 * 4 - 1)
-    other, _ = generate_samples(run, num=8, batch_size=8, **{**kw, "seed": 4})
+    other, _ = generate_samples(run, spec, num=8, batch_size=8, seed=4, labels=kw["labels"][:8])
     assert not np.allclose(other, small)
+
+
+def test_load_run_of_an_8_device_run_onto_any_mesh_gives_the_same_samples(trained):
+    # The tiny run was trained on all 8 test devices; sampling it on one device and on a
+    # 2x2 (data x fsdp) mesh must give the same images, params restored sharded.
+    from jaxdiff.parallel import make_mesh
+
+    one = load_run(trained)
+    mesh = make_mesh(data=2, fsdp=2, num_devices=4)
+    four = load_run(trained, mesh=mesh)
+    leaf = max(jax.tree.leaves(four.params), key=lambda a: a.size)
+    assert leaf.sharding.mesh.shape == mesh.shape
+    assert one.step == four.step == 5 and one.which == four.which == "0.999"
+    spec = _spec(one, steps=3)
+    labels = parse_labels(None, 12, 10)
+    a, _ = generate_samples(one, spec, num=12, labels=labels, seed=1, batch_size=12)
+    b, _ = generate_samples(four, spec, num=12, labels=labels, seed=1, batch_size=8)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_sample_cli_writes_grid_and_npz(trained, tmp_path):
@@ -94,10 +120,26 @@ def test_train_cli_rejects_unknown_config_key(tmp_path):
 
 def test_parse_labels_errors():
     np.testing.assert_array_equal(parse_labels("3", 3, 10), [3, 3, 3])
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(InvalidArgumentError, match="out of range"):
         parse_labels("11", 2, 10)
-    with pytest.raises(ValueError, match="integers"):
+    with pytest.raises(InvalidArgumentError, match="integers"):
         parse_labels("a,b", 2, 10)
+
+
+def test_sampler_spec_uses_the_run_config_unless_overridden(trained):
+    run = load_run(trained)
+    sc = run.config.sample
+    spec = _spec(run)
+    assert spec.solver_spec == sc.solver == "heun" and spec.steps == sc.steps == 3
+    assert spec.guidance_spec == "cfg:2.0" and spec.guidance is not None
+    np.testing.assert_allclose(spec.sigmas[0], sc.sigma_max, rtol=1e-6)
+    over = _spec(run, solver="ddim:eta=0.5", steps=7, guidance="none")
+    assert over.steps == 7 and over.guidance is None and over.solver.eta == 0.5
+    assert "ddim:eta=0.5, 7 steps" in over.describe()
+    with pytest.raises(InvalidArgumentError, match="steps must be >= 1"):
+        _spec(run, steps=0)
+    with pytest.raises(InvalidArgumentError, match="unknown solver"):
+        _spec(run, solver="rk45")
 
 
 def test_sample_cli_eval_prints_metrics(trained, tmp_path):
@@ -120,32 +162,59 @@ def test_sample_cli_eval_prints_metrics(trained, tmp_path):
         assert np.isfinite(scores[key]), key
 
 
-def test_every_guidance_is_reachable_from_a_spec(trained):
+@pytest.fixture(scope="module")
+def noise_aware_classifier(tmp_path_factory):
+    from jaxdiff.experiment import train_classifier
+    from train.configs.digits_classifier import get_config
+
+    config = get_config()
+    config.steps, config.noise_aware = 20, True
+    workdir = tmp_path_factory.mktemp("clf")
+    return train_classifier(config, workdir)
+
+
+def test_every_guidance_is_reachable_from_a_spec(trained, noise_aware_classifier):
     from jaxdiff.guidance import GUIDANCE
-    from jaxdiff.inference import build_guidance
 
     run = load_run(trained)
     extra = {
         "autoguidance": f",guide={trained}",
-        "classifier": None,  # needs a noise-aware classifier file: checked below
-        "minority": None,
+        "classifier": f",classifier={noise_aware_classifier}",
+        "minority": f",classifier={noise_aware_classifier}",
     }
     for name in GUIDANCE:
-        if extra.get(name, "") is None:
-            continue
         g = build_guidance(f"{name}:1.5{extra.get(name, '')}")
         assert g is not None, name
-    with pytest.raises(ValueError, match="noise-aware"):
-        build_guidance("classifier:1.0")
-    with pytest.raises(ValueError, match="guide="):
+    with pytest.raises(InvalidArgumentError, match="noise-aware"):
+        build_guidance("classifier:1.0")  # the shipped classifier is a clean one
+    with pytest.raises(InvalidArgumentError, match="guide="):
         build_guidance("autoguidance:2.0")
-    x, _ = generate_samples(
-        run,
-        num=4,
-        solver=heun(),
-        sigmas=karras_sigmas(3),
-        guidance=build_guidance(f"autoguidance:2.0,guide={trained}"),
-        labels=parse_labels(None, 4, 10),
-        seed=0,
-    )
-    assert np.all(np.isfinite(x))
+    with pytest.raises(InvalidArgumentError, match="guide="):
+        build_guidance(f"cfg:2.0,guide={trained}")  # a key the method does not take
+    for spec in (
+        f"autoguidance:2.0,guide={trained}",
+        f"minority:1.0,classifier={noise_aware_classifier},target=3",
+    ):
+        x, _ = generate_samples(
+            run, _spec(run, guidance=spec), num=4, labels=parse_labels(None, 4, 10), seed=0
+        )
+        assert np.all(np.isfinite(x)), spec
+
+
+def test_sample_cli_uses_the_run_sampler_of_a_flow_matching_run(tmp_path):
+    # A flow-matching run configured for Euler: `python -m sample` without --solver must
+    # sample with Euler (3 steps x 2 for CFG = 6 evaluations), not Heun (2 x 5 = 10).
+    config = tiny_config(2)
+    config.formulation = type(config.formulation)({"name": "flow"})
+    config.sample.solver, config.sample.steps = "euler", 3
+    config.sample.sigma_min, config.sample.sigma_max = 0.001, 999.0
+    train_and_evaluate(config, tmp_path / "flow")
+    res = _cli("sample", f"--workdir={tmp_path / 'flow'}", "--num=4", f"--out={tmp_path / 'g.png'}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "sampler: solver euler, 3 steps" in res.stdout and "guidance cfg:2.0" in res.stdout
+    assert "(6 network evaluations each)" in res.stdout
+    res = _cli(
+        "sample", f"--workdir={tmp_path / 'flow'}", "--num=4", "--solver=heun",
+        f"--out={tmp_path / 'g.png'}",
+    )  # fmt: skip
+    assert "(10 network evaluations each)" in res.stdout, res.stdout + res.stderr[-2000:]

@@ -7,8 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from jaxdiff.training import train_and_evaluate
-from jaxdiff.training.experiment import build_experiment
+from jaxdiff.experiment import build_experiment, train_and_evaluate
 
 
 def _config(name):

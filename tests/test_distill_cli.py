@@ -8,6 +8,7 @@ import pytest
 from jaxdiff.diffusion import karras_sigmas
 from jaxdiff.distill.hybrid import hybrid_sample, student_tail
 from jaxdiff.samplers import get_solver
+from jaxdiff.training import Checkpointer
 
 
 def _gauss(mu, s2=0.25):
@@ -41,10 +42,14 @@ def test_hybrid_sampler_switches_models():
 
 @pytest.mark.slow
 def test_distill_loop_writes_a_loadable_one_step_student(tmp_path):
-    from jaxdiff.distill.hybrid import hybrid_generate_samples
-    from jaxdiff.distill.loop import distill_and_evaluate
-    from jaxdiff.inference import generate_samples, load_run
-    from jaxdiff.training import train_and_evaluate
+    from jaxdiff.experiment import (
+        distill_and_evaluate,
+        generate_samples,
+        hybrid_generate_samples,
+        load_run,
+        resolve_sampler,
+        train_and_evaluate,
+    )
     from tests.tiny import tiny_config
     from train.configs.distill_digits import get_config
 
@@ -69,30 +74,27 @@ def test_distill_loop_writes_a_loadable_one_step_student(tmp_path):
     assert run.step == 4
     jax.tree.map(np.testing.assert_array_equal, run.params, jax.device_get(state.gen.ema["0.99"]))
     labels = np.arange(4) % 10
-    x, nfe = generate_samples(
-        run,
-        num=4,
-        solver=get_solver("euler"),
-        sigmas=karras_sigmas(1),
-        guidance=None,
-        labels=labels,
-        seed=0,
-    )
+    spec = resolve_sampler(run.config.sample, num_classes=10)  # the stored one-step sampler
+    assert spec.solver_spec == "euler" and spec.steps == 1 and spec.guidance is None
+    x, nfe = generate_samples(run, spec, num=4, labels=labels, seed=0)
     assert nfe == 1 and np.isfinite(x).all()
     teacher = load_run(teacher_dir)
+    base = resolve_sampler(teacher.config.sample, num_classes=10, solver="euler", steps=4)
     y, nfe = hybrid_generate_samples(
-        teacher,
-        run,
-        num=4,
-        solver=get_solver("euler"),
-        sigmas=karras_sigmas(4),
-        switch_step=1,
-        guidance=None,
-        labels=labels,
-        seed=0,
+        teacher, run, base, switch_step=1, num=4, labels=labels, seed=0
     )
-    assert nfe == 2 and y.shape == x.shape
+    assert nfe == 2 + 1 and y.shape == x.shape  # one CFG Euler step (2), then the student
     # Resume: a second call with more steps continues from the saved state.
     cfg.train.num_steps = 6
     state = distill_and_evaluate(cfg, student_dir)
     assert int(state.step) == 6
+    # A run that goes non-finite stops at its next log step, after the last save has
+    # landed, and leaves the checkpoints it had intact.
+    cfg.train.num_steps = 10
+    cfg.optim.learning_rate = 1e30
+    cfg.critic_optim.learning_rate = 1e30
+    with pytest.raises(FloatingPointError, match=r"non-finite.*last good checkpoint \(step 6\)"):
+        distill_and_evaluate(cfg, student_dir)
+    steps = Checkpointer(student_dir / "checkpoints").all_steps()
+    assert max(steps) == 6
+    assert load_run(student_dir).step == 6

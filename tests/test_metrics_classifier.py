@@ -15,7 +15,6 @@ from jaxdiff.metrics import (
     evaluate_samples,
     fd_digits,
     load_classifier,
-    train_digits_classifier,
 )
 from jaxdiff.metrics.classifier import (
     DigitsClassifier,
@@ -82,7 +81,7 @@ def test_classifier_file_round_trip_and_checksum(tmp_path):
     np.testing.assert_array_equal(loaded.logits(X), clf.logits(X))
     with pytest.raises(ChecksumMismatchError, match=digest):
         load_classifier(path, expected_sha256="f" * 64)
-    with pytest.raises(FileNotFoundError, match="python -m jaxdiff.metrics.classifier"):
+    with pytest.raises(FileNotFoundError, match="configs/digits_classifier.py"):
         load_classifier(tmp_path / "missing.npz")
 
 
@@ -102,8 +101,22 @@ def test_fd_digits_of_real_digits():
     assert shuffled["class_accuracy"] < 0.3
 
 
+def test_classifier_run_writes_a_loadable_file(tmp_path):
+    from jaxdiff.experiment import run_experiment
+    from train.configs.digits_classifier import get_config
+
+    config = get_config()
+    config.steps = 30
+    run_experiment(config, tmp_path)
+    clf = load_classifier(tmp_path / "classifier.npz")
+    assert clf.meta["steps"] == 30 and not clf.model.noise_conditioned
+    assert clf.meta["test_accuracy"] == pytest.approx(accuracy(clf, *load_digits("test")))
+
+
 @pytest.mark.slow
 def test_retraining_from_scratch_reaches_95_percent():
+    from jaxdiff.experiment import train_digits_classifier
+
     params = train_digits_classifier(seed=0)
     clf = DigitsClassifier(classifier_model(), params)
     assert accuracy(clf, *load_digits("test")) >= 0.95

@@ -6,31 +6,42 @@ import pytest
 from tiny import tiny_config
 
 from jaxdiff.data import get_dataset, ring_gaussian_mixture
-from jaxdiff.diffusion import karras_sigmas
-from jaxdiff.inference import generate_samples, load_run
-from jaxdiff.metrics import EVALUATORS, evaluate_samples, get_evaluator, sample_and_evaluate
+from jaxdiff.experiment import (
+    generate_samples,
+    load_run,
+    resolve_sampler,
+    sample_and_evaluate,
+    train_and_evaluate,
+)
+from jaxdiff.metrics import EVALUATORS, evaluate_samples, get_evaluator
 from jaxdiff.parallel import make_mesh
-from jaxdiff.samplers import euler
-from jaxdiff.training import train_and_evaluate
 
 NUM, SEED = 24, 3
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     train_and_evaluate(tiny_config(5), workdir)
-    return load_run(workdir)
+    return workdir
 
 
 @pytest.fixture(scope="module")
-def sampled(run):
-    kw = dict(solver=euler(), sigmas=karras_sigmas(3), guidance=None, batch_size=16)
+def run(workdir):
+    return load_run(workdir)
+
+
+def _spec(run):
+    return resolve_sampler(run.config.sample, num_classes=10, solver="euler", guidance="none")
+
+
+@pytest.fixture(scope="module")
+def sampled(workdir):
     results = {}
     for n in (8, 1):
-        mesh = make_mesh(devices=jax.devices()[:n])
+        run = load_run(workdir, mesh=make_mesh(devices=jax.devices()[:n]))
         results[n] = sample_and_evaluate(
-            run, "fd_digits", NUM, SEED, mesh, return_samples=True, **kw
+            run, "fd_digits", NUM, SEED, spec=_spec(run), batch_size=16, return_samples=True
         )
     return results
 
@@ -52,9 +63,8 @@ def test_samples_are_seeded_by_global_index_like_the_sample_cli(run, sampled):
     # batch_size 16 with NUM 24: the second batch is padded; the samples must still be
     # those of `python -m sample` (generate_samples) at any batch size.
     ref, _ = generate_samples(
-        run, num=NUM, solver=euler(), sigmas=karras_sigmas(3), guidance=None,
-        labels=sampled[8].labels, seed=SEED, batch_size=NUM,
-    )  # fmt: skip
+        run, _spec(run), num=NUM, labels=sampled[8].labels, seed=SEED, batch_size=NUM
+    )
     np.testing.assert_allclose(sampled[8].samples, ref, rtol=1e-4, atol=1e-4)
     metrics = evaluate_samples("fd_digits", ref, sampled[8].labels)
     for name, value in metrics.items():

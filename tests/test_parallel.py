@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from tiny import tiny_config
 
+from jaxdiff.experiment import build_experiment, init_state, train_and_evaluate
 from jaxdiff.parallel import global_batch, make_mesh
-from jaxdiff.training import Checkpointer, jit_train_step, make_train_step, train_and_evaluate
-from jaxdiff.training.experiment import build_experiment, init_state
+from jaxdiff.training import Checkpointer, jit_train_step, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_FLAGS = [

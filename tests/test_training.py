@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from tiny import tiny_config
 
-from jaxdiff.training import Checkpointer, drop_labels, make_loss_fn, train_and_evaluate
-from jaxdiff.training.experiment import abstract_state, build_experiment, init_state
+from jaxdiff.experiment import build_experiment, init_state, train_and_evaluate
+from jaxdiff.training import Checkpointer, abstract_state, drop_labels, make_loss_fn
 
 
 def _leaves_equal(a, b):
@@ -118,3 +118,29 @@ def test_in_loop_evaluation_writes_metrics(tmp_path):
     assert all(
         np.isfinite(x["eval/fd_digits"]) and 0 <= x["eval/class_accuracy"] <= 1 for x in evals
     )
+
+
+def test_in_loop_evaluation_and_grids_run_with_autoguidance(tmp_path):
+    # The same guidance string works in config.sample as on the command line, also for
+    # methods that load something (here the guiding run of autoguidance).
+    train_and_evaluate(tiny_config(2), tmp_path / "guide")
+    config = tiny_config(2)
+    config.sample.guidance = f"autoguidance:2.0,guide={tmp_path / 'guide'}"
+    config.sample.grid_size = 4
+    config.eval.name, config.eval.every, config.eval.num, config.eval.batch_size = (
+        "fd_digits", 2, 16, 16,
+    )  # fmt: skip
+    train_and_evaluate(config, tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "eval/fd_digits" in x] == [2]
+    assert (tmp_path / "run" / "samples" / "step_000002.png").exists()
+
+
+def test_a_bad_sampler_spec_fails_before_the_first_step(tmp_path):
+    from jaxdiff.errors import InvalidArgumentError
+
+    config = tiny_config(2)
+    config.sample.guidance = "cfgg:2.0"
+    with pytest.raises(InvalidArgumentError, match="cfgg"):
+        train_and_evaluate(config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()

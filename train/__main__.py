@@ -1,8 +1,9 @@
-"""Trains a diffusion model: ``python -m train [--config=train/configs/NAME.py] [--workdir=DIR]``.
+"""Runs an experiment config: ``python -m train [--config=train/configs/NAME.py] [--workdir=DIR]``.
 
-This file is intentionally short; the logic lives in :mod:`jaxdiff.training` so notebooks
-can call ``train_and_evaluate(config, workdir)`` directly. With no flags it trains the
-class-conditional digits model into ``runs/digits``.
+This file is intentionally short; the runs live in :mod:`jaxdiff.experiment`, so
+notebooks can call ``train_and_evaluate(config, workdir)`` directly. ``config.method``
+picks the run: diffusion training (default), ``"distill"`` or ``"classifier"``. With no
+flags it trains the class-conditional digits model into ``runs/digits``.
 """
 
 import logging
@@ -31,7 +32,7 @@ def main(argv):
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     import jax
 
-    from jaxdiff.training import train_and_evaluate
+    from jaxdiff.experiment import run_experiment
     from jaxdiff.utils.logs import quiet_library_logs
 
     quiet_library_logs()
@@ -42,14 +43,8 @@ def main(argv):
         jax.local_device_count(),
         jax.device_count(),
     )
-    config = _CONFIG.value
-    if config.get("method") == "distill":
-        from jaxdiff.distill.loop import distill_and_evaluate
-
-        distill_and_evaluate(config, _WORKDIR.value)
-    else:
-        train_and_evaluate(config, _WORKDIR.value)
-    print(f"done: checkpoints and samples in {os.path.abspath(_WORKDIR.value)}")
+    run_experiment(_CONFIG.value, _WORKDIR.value)
+    print(f"done: results in {os.path.abspath(_WORKDIR.value)}")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ Pure losses and step builders live one concept per module:
 * :mod:`~jaxdiff.distill.heads`, :mod:`~jaxdiff.distill.pool`: discriminator heads and pools;
 * :mod:`~jaxdiff.distill.features`: UNet denoise-and-features functions;
 * :mod:`~jaxdiff.distill.few_step`: backward simulation, bottom-up refinement, sampling;
-* :mod:`~jaxdiff.distill.fdistill`: generator/critic losses and sharded steps;
+* :mod:`~jaxdiff.distill.fdistill_losses`: f-distill's generator and critic losses;
+* :mod:`~jaxdiff.distill.fdistill`: f-distill's config, state and sharded steps;
 * :mod:`~jaxdiff.distill.hybrid`: diversity distillation's hybrid sampler;
-* :mod:`~jaxdiff.distill.loop`: ``distill_and_evaluate(config, workdir)``.
+* the config-driven run, ``distill_and_evaluate(config, workdir)``, is in
+  :mod:`jaxdiff.experiment.distill`.
 """
 
 from jaxdiff.distill.divergences import DIVERGENCES, generator_f, weighting
@@ -18,12 +20,11 @@ from jaxdiff.distill.fdistill import (
     DistillState,
     FDistillConfig,
     Nets,
-    critic_loss,
-    generator_loss,
     is_generator_step,
     jit_steps,
     make_steps,
 )
+from jaxdiff.distill.fdistill_losses import critic_loss, generator_loss
 from jaxdiff.distill.few_step import backward_simulate, few_step_sample, student_sigmas
 from jaxdiff.distill.hybrid import hybrid_sample
 from jaxdiff.distill.losses import dmd2_loss, gan_d_loss, gan_g_loss, vsd_loss

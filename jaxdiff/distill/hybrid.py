@@ -10,17 +10,20 @@ over its own levels below that noise level (for a one-step student: a single cal
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.diffusion.formulation import Cond, Denoiser
-from jaxdiff.generate import model_denoiser, sample_keys_for
+from jaxdiff.diffusion.formulation import Cond, Denoiser, Formulation
+from jaxdiff.generate import class_conditions, model_denoiser
 from jaxdiff.guidance.base import Guidance
 from jaxdiff.samplers import Solver, get_solver
 from jaxdiff.samplers.driver import sample
+from jaxdiff.utils.rng import start_noise
 
 
 def student_tail(sigma_switch: float, levels: Any) -> np.ndarray:
@@ -92,73 +95,55 @@ def hybrid_sample(
     return out, {"nfe": nfe + aux["nfe"]}
 
 
-def hybrid_generate_samples(
-    base_run: Any,
-    student_run: Any,
+def make_hybrid_generate_fn(
+    base: tuple[nn.Module, Formulation],
+    student: tuple[nn.Module, Formulation],
     *,
-    num: int,
     solver: Solver,
     sigmas: Any,
     switch_step: int,
+    student_levels: Any,
     guidance: Guidance | None,
-    labels: np.ndarray,
-    seed: int,
-    batch_size: int = 256,
-) -> tuple[np.ndarray, int]:
-    """:func:`jaxdiff.inference.generate_samples` for the hybrid sampler (two loaded runs).
+    sample_shape: tuple[int, ...],
+    num_classes: int,
+) -> Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, dict]]:
+    """:func:`jaxdiff.generate.make_generate_fn` for the hybrid sampler.
 
-    Sample ``j`` starts from the noise of ``fold_in(key(seed), j)``, as in the plain sampler.
+    Args:
+        base: the base model and its formulation.
+        student: the student model and its formulation.
+        solver: the base phase's solver.
+        sigmas: the base schedule ``[N + 1]``.
+        switch_step: base steps before the student takes over.
+        student_levels: the student's own input levels.
+        guidance: guidance of the base phase.
+        sample_shape: shape of one sample (both models must share it).
+        num_classes: classes (0 = unconditional).
+
+    Returns:
+        ``generate((base_params, student_params), labels, keys) -> (images, aux)``; sample
+        ``b`` starts from the noise of ``keys[b]``, as in the plain sampler.
     """
-    if base_run.sample_shape != student_run.sample_shape:
-        raise ValueError(
-            f"base and student sample shapes differ: {base_run.sample_shape} vs "
-            f"{student_run.sample_shape}"
-        )
-    levels = _student_levels(student_run)
-    shape, num_classes = base_run.sample_shape, base_run.num_classes
+    sigmas = np.asarray(sigmas, np.float32)
 
-    @jax.jit
-    def generate(base_params, student_params, lab, keys):
-        noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
-        cond = uncond = None
-        if num_classes > 0:
-            cond = lab
-            uncond = jnp.full_like(lab, num_classes)
+    def generate(params, labels, keys):
+        base_params, student_params = params
+        cond, uncond = class_conditions(labels, num_classes)
         return hybrid_sample(
-            model_denoiser(base_run.model, base_run.formulation, base_params),
-            model_denoiser(student_run.model, student_run.formulation, student_params),
-            noise,
+            model_denoiser(*base, base_params),
+            model_denoiser(*student, student_params),
+            start_noise(keys, sample_shape),
             sigmas,
             switch_step,
             solver=solver,
-            student_levels=levels,
+            student_levels=student_levels,
             guidance=guidance,
             cond=cond,
             uncond=uncond,
             key=keys,
         )
 
-    key = jax.random.key(seed)
-    out, nfe = [], 0
-    for start in range(0, num, batch_size):
-        count = min(batch_size, num - start)
-        lab = jnp.asarray(labels[start : start + count], jnp.int32)
-        x, aux = generate(
-            base_run.params, student_run.params, lab, sample_keys_for(key, start, count)
-        )
-        out.append(np.asarray(x))
-        nfe = int(aux["nfe"])
-    return np.concatenate(out), nfe
+    return generate
 
 
-def _student_levels(student_run: Any) -> np.ndarray:
-    from jaxdiff.distill.few_step import student_sigmas
-
-    sc = student_run.config.sample
-    steps = int(
-        student_run.config.get("distill_config", {}).get("distill", {}).get("student_steps", 1)
-    )
-    return student_sigmas(steps, sc.sigma_min, sc.sigma_max, sc.rho)
-
-
-__all__ = ["hybrid_generate_samples", "hybrid_sample", "student_tail"]
+__all__ = ["hybrid_sample", "make_hybrid_generate_fn", "student_tail"]

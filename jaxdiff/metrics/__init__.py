@@ -1,8 +1,10 @@
 """Evaluation metrics: Frechet distances, FID Inception, FD-digits, PRDC, exact toy metrics.
 
 Entry points: :func:`evaluate_samples` (metrics of host samples by evaluator name) and
-:func:`sample_and_evaluate` (sharded sampling + features + metrics from a trained run).
-See ``docs/evaluation.md``.
+:func:`make_sample_and_evaluate_fn` (sharded sampling + features + metrics from any
+``generate(params, labels, keys)`` callable). Metrics never build models or samplers:
+:func:`jaxdiff.experiment.sample_and_evaluate` does that for a trained run. See
+``docs/evaluation.md``.
 """
 
 from jaxdiff.metrics.classifier import (
@@ -10,7 +12,6 @@ from jaxdiff.metrics.classifier import (
     CLASSIFIER_SHA256,
     DigitsClassifier,
     load_classifier,
-    train_digits_classifier,
 )
 from jaxdiff.metrics.evaluate import (
     EVALUATORS,
@@ -19,7 +20,6 @@ from jaxdiff.metrics.evaluate import (
     evaluate_samples,
     get_evaluator,
     make_sample_and_evaluate_fn,
-    sample_and_evaluate,
     save_reference_statistics,
 )
 from jaxdiff.metrics.fd_digits import class_accuracy, fd_digits
@@ -69,9 +69,7 @@ __all__ = [
     "negative_log_likelihood",
     "prdc",
     "precision_recall",
-    "sample_and_evaluate",
     "save_reference_statistics",
     "save_statistics",
     "sliced_wasserstein",
-    "train_digits_classifier",
 ]

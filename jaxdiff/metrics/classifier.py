@@ -6,12 +6,14 @@ trained clean classifier ships with jaxdiff as ``jaxdiff/metrics/assets/digits_c
 (flattened params plus the architecture as JSON, ~150 KB) and is loaded by default,
 checked against :data:`CLASSIFIER_SHA256`. Re-create it with::
 
-    python -m jaxdiff.metrics.classifier --out=jaxdiff/metrics/assets/digits_classifier.npz
+    python -m train --config=train/configs/digits_classifier.py --workdir=runs/clf \
+        --config.out=jaxdiff/metrics/assets/digits_classifier.npz
 
 (training takes well under a minute on a CPU; the digest is bit-reproducible on the same
 JAX version and CPU, otherwise update :data:`CLASSIFIER_SHA256` to the printed value).
+The trainer lives in :mod:`jaxdiff.experiment.classifier`: this module only loads.
 
-``--noise_aware`` trains the same network with a noise-level input on EDM-noised digits
+``--config.noise_aware=True`` trains the same network with a noise-level input on EDM-noised digits
 (``x0 + sigma n``, ``ln sigma ~ N(-1.2, 1.2^2)``), fed as ``c_in(sigma) x`` with noise label
 ``ln(sigma) / 4`` (see :func:`noisy_classifier_inputs`): the ``p(y | x_sigma)`` of
 classifier guidance. Its accuracy is reported on clean test digits.
@@ -19,26 +21,19 @@ classifier guidance. Its accuracy is reported on clean test digits.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jaxdiff.data import load_digits
 from jaxdiff.metrics.weights import flatten_tree, load_arrays, save_arrays, unflatten_tree
 from jaxdiff.models.classifier import Classifier
-from jaxdiff.training.optim import make_optimizer
 
 CLASSIFIER_PATH = Path(__file__).resolve().parent / "assets" / "digits_classifier.npz"
 """The shipped clean digits classifier."""
@@ -139,91 +134,6 @@ def accuracy(
     return float(np.mean(np.concatenate(preds) == np.asarray(labels)))
 
 
-def _random_shift(key: jax.Array, x: jax.Array) -> jax.Array:
-    """Shifts each image by up to one pixel in each direction (background -1 fills)."""
-    b, h, w, _ = x.shape
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-1.0)
-    offsets = jax.random.randint(key, (b, 2), 0, 3)
-    crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))  # noqa: E731
-    return jax.vmap(crop)(padded, offsets)
-
-
-def train_digits_classifier(
-    seed: int = 0,
-    steps: int = 1500,
-    noise_aware: bool = False,
-    *,
-    batch_size: int = 128,
-    learning_rate: float = 3e-3,
-    weight_decay: float = 1e-4,
-    dropout: float = 0.1,
-) -> Any:
-    """Trains the digits classifier on the ``"train"`` split with a fixed seed.
-
-    Adam with warm-up and cosine decay, random one-pixel shifts, dropout before the
-    logits; one jitted step per batch, on one device.
-
-    Args:
-      seed: Seed of the init, batch order, augmentation and noise.
-      steps: Optimizer steps.
-      noise_aware: Train the noise-conditioned variant on EDM-noised inputs.
-      batch_size: Images per step.
-      learning_rate: Peak learning rate.
-      weight_decay: Decoupled weight decay.
-      dropout: Dropout before the logits.
-
-    Returns:
-      The trained (unboxed) params of ``classifier_model(noise_aware)``.
-    """
-    model = classifier_model(noise_aware, dropout)
-    images, labels = load_digits("train")
-    images, labels = jnp.asarray(images), jnp.asarray(labels)
-    rng = np.random.default_rng(seed)
-    per_epoch = len(labels) // batch_size
-    epochs = -(-steps // per_epoch)
-    order = np.concatenate(
-        [rng.permutation(len(labels))[: per_epoch * batch_size] for _ in range(epochs)]
-    )
-    batches = jnp.asarray(order[: steps * batch_size].reshape(steps, batch_size), jnp.int32)
-
-    key = jax.random.key(seed)
-    init_key, train_key = jax.random.split(key)
-    noise0 = jnp.zeros((1,)) if noise_aware else None
-    params = nn.unbox(jax.jit(model.init)(init_key, images[:1], noise0)["params"])
-    tx = make_optimizer(
-        learning_rate,
-        warmup_steps=min(100, steps // 10),
-        decay_steps=steps,
-        weight_decay=weight_decay,
-    )
-
-    def loss_fn(p, x, y, key):
-        shift_key, noise_key, drop_key = jax.random.split(key, 3)
-        x = _random_shift(shift_key, x)
-        noise_label = None
-        if noise_aware:
-            sig_key, n_key = jax.random.split(noise_key)
-            sigma = jnp.exp(P_MEAN + P_STD * jax.random.normal(sig_key, (x.shape[0],)))
-            x, noise_label = noisy_classifier_inputs(
-                x + sigma[:, None, None, None] * jax.random.normal(n_key, x.shape), sigma
-            )
-        logits = model.apply({"params": p}, x, noise_label, train=True, rngs={"dropout": drop_key})
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    @jax.jit
-    def step(p, opt_state, idx, i):
-        grads = jax.grad(loss_fn)(p, images[idx], labels[idx], jax.random.fold_in(train_key, i))
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state
-
-    # A Python loop over a jitted step: XLA:CPU runs convolutions inside a scan's while
-    # loop an order of magnitude slower than at the top level.
-    opt_state = tx.init(params)
-    for i in range(steps):
-        params, opt_state = step(params, opt_state, batches[i], i)
-    return jax.tree.map(np.asarray, params)
-
-
 def save_classifier(path: str | os.PathLike, clf: DigitsClassifier) -> str:
     """Writes params, architecture and metadata to a deterministic ``.npz``; returns SHA-256."""
     config = {
@@ -263,8 +173,9 @@ def load_classifier(
         expected_sha256 = CLASSIFIER_SHA256 if path.resolve() == CLASSIFIER_PATH else None
     if not path.is_file():
         raise FileNotFoundError(
-            f"digits classifier {os.fspath(path)!r} not found: create it with "
-            f"`python -m jaxdiff.metrics.classifier --out={os.fspath(path)}`"
+            f"digits classifier {os.fspath(path)!r} not found: create it with `python -m "
+            "train --config=train/configs/digits_classifier.py --workdir=runs/classifier "
+            f"--config.out={os.fspath(path)}`"
         )
     return _load_cached(str(path.resolve()), expected_sha256, path.stat().st_mtime_ns)
 
@@ -277,38 +188,3 @@ def _load_cached(path: str, expected_sha256: str | None, _mtime: int) -> DigitsC
     config["channels"] = tuple(config["channels"])
     params = unflatten_tree(arrays)["params"]
     return DigitsClassifier(Classifier(**config), params, meta)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m jaxdiff.metrics.classifier --out=PATH``: train, score, save."""
-    parser = argparse.ArgumentParser(description="Train the FD-digits classifier.")
-    parser.add_argument("--out", default=str(CLASSIFIER_PATH), help="output .npz")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--noise_aware", action="store_true")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    params = train_digits_classifier(args.seed, args.steps, args.noise_aware)
-    seconds = time.perf_counter() - start
-    clf = DigitsClassifier(classifier_model(args.noise_aware, 0.1), params)
-    test_acc = accuracy(clf, *load_digits("test"))
-    train_acc = accuracy(clf, *load_digits("train"))
-    meta = {
-        "seed": args.seed,
-        "steps": args.steps,
-        "noise_aware": args.noise_aware,
-        "train_split": "train",
-        "test_accuracy": round(test_acc, 6),
-        "train_accuracy": round(train_acc, 6),
-        "jax_version": jax.__version__,
-    }
-    digest = save_classifier(args.out, dataclasses.replace(clf, meta=meta))
-    print(
-        f"trained in {seconds:.1f} s: held-out test accuracy {test_acc:.4f} (train {train_acc:.4f})"
-    )
-    print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes), SHA-256 {digest}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

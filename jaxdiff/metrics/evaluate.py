@@ -20,17 +20,17 @@ name           metrics                                                          
                ``mmd`` vs the toy's ``"test"`` split                            name
 =============  ===============================================================  ========
 
-Entry points:
+Entry points (metrics take samples, or a ``generate(params, labels, keys)`` callable;
+they never build a model or a sampler themselves):
 
 * :func:`evaluate_samples` ``(name, samples, labels=None, **kwargs)``: metrics of samples
   already on the host (e.g. the ``.npz`` from ``python -m sample``).
-* :func:`sample_and_evaluate` ``(run, evaluator, num, seed, mesh, ...)``: draws ``num``
-  samples from a trained run with the batch sharded over the mesh's ``('data', 'fsdp')``
-  axes, computes features in the same jitted, sharded step, then the metrics. Sample
-  ``j`` is seeded by ``fold_in(key(seed), j)`` (:func:`jaxdiff.generate.sample_keys_for`),
-  so results do not depend on device count or batch size.
-  :func:`make_sample_and_evaluate_fn` builds the compiled step once, for repeated
-  evaluation during training.
+* :func:`make_sample_and_evaluate_fn` ``(generate, evaluator, mesh=..., num=...)``:
+  compiles sampling plus the evaluator's features into one sharded, jitted call per
+  batch, once, for repeated evaluation (in-loop, or
+  :func:`jaxdiff.experiment.sample_and_evaluate` for a trained run). Sample ``j`` is
+  seeded by ``fold_in(key(seed), j)``, so results do not depend on device count or
+  batch size.
 """
 
 from __future__ import annotations
@@ -38,10 +38,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,16 +48,12 @@ from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
 from jaxdiff.data import get_dataset
-from jaxdiff.diffusion.formulation import Formulation
-from jaxdiff.generate import make_generate_fn, sample_keys_for
-from jaxdiff.guidance.base import Guidance
 from jaxdiff.metrics import fd_digits as fdd
 from jaxdiff.metrics import toy
 from jaxdiff.metrics.classifier import DigitsClassifier, load_classifier
 from jaxdiff.metrics.frechet import feature_statistics, frechet_distance, load_statistics
 from jaxdiff.metrics.inception import inception_features, load_inception_variables
-from jaxdiff.parallel import batch_sharding, replicated
-from jaxdiff.samplers.base import Solver
+from jaxdiff.parallel import make_sharded_generate
 
 Features = dict[str, np.ndarray]
 EVALUATORS = ("fd_digits", "fid", "toy")
@@ -323,7 +318,7 @@ def save_reference_statistics(
 
 @dataclasses.dataclass
 class SampleEvalResult:
-    """What :func:`sample_and_evaluate` returns.
+    """What a sample-and-evaluate run returns.
 
     Attributes:
       metrics: Metric name -> float.
@@ -338,189 +333,54 @@ class SampleEvalResult:
     nfe: int
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
 def make_sample_and_evaluate_fn(
-    model: nn.Module,
-    formulation: Formulation,
+    generate: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, dict]],
     evaluator: Evaluator,
     *,
     mesh: Mesh,
     num: int,
-    solver: Solver,
-    sigmas: ArrayLike,
-    guidance: Guidance | None,
-    sample_shape: tuple[int, ...],
-    num_classes: int,
     labels: ArrayLike | None = None,
     batch_size: int = 256,
     param_shardings: Any = None,
 ) -> Callable[..., SampleEvalResult]:
     """Compiles sample -> features once; returns ``fn(params, seed, return_samples=False)``.
 
-    Each global batch of ``batch_size`` samples (rounded up to a multiple of the
-    ``data x fsdp`` shards) is one jitted call with explicit shardings: model and feature
-    params as given by ``param_shardings`` (default: replicated) and replicated
-    respectively, labels and outputs split over ``('data', 'fsdp')``. The last batch is
-    padded with extra seeds whose samples are dropped, so every call has one shape.
+    Sampling and the evaluator's per-sample features run in one jitted call per global
+    batch, sharded over the mesh's ``('data', 'fsdp')`` axes
+    (:func:`jaxdiff.parallel.make_sharded_generate`); sample ``j`` is seeded by
+    ``fold_in(key(seed), j)``, so results do not depend on device count or batch size.
+    Only the host reduction (Frechet distance, k-NN...) runs after all batches.
 
     Args:
-      model: The denoiser network.
-      formulation: Its formulation.
+      generate: ``generate(params, labels, keys) -> (samples, aux)``, e.g. from
+        :func:`jaxdiff.generate.make_generate_fn`.
       evaluator: The metric (see :func:`get_evaluator`).
-      mesh: A mesh with ``('data', 'fsdp', ...)`` axes (:func:`jaxdiff.parallel.make_mesh`).
+      mesh: A mesh with ``('data', 'fsdp', ...)`` axes.
       num: Number of samples.
-      solver: Sampler solver.
-      sigmas: ``[steps + 1]`` noise levels.
-      guidance: Guidance or None (conditional models only).
-      sample_shape: Shape of one sample.
-      num_classes: Classes of the model (0 = unconditional).
-      labels: ``[num]`` labels; default cycles ``0..num_classes-1``.
+      labels: ``[num]`` conditioning labels (class accuracy uses them), or None for an
+        unconditional model.
       batch_size: Global samples per call.
-      param_shardings: Shardings of the model params (e.g. a train state's); default
-        replicated.
+      param_shardings: Shardings of the model params on ``mesh``; default replicated.
 
     Returns:
       ``fn(params, seed, return_samples=False) -> SampleEvalResult``.
     """
     if num < 2:
         raise ValueError(f"num must be >= 2 to evaluate, got {num}")
-    if guidance is not None and num_classes == 0:
-        raise ValueError("guidance needs a class-conditional model; this one is unconditional")
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch = -(-min(batch_size, num) // shards) * shards
-    num_batches = -(-num // batch)
-    if num_classes > 0:
-        labels = (np.arange(num) % num_classes) if labels is None else np.asarray(labels)
-        if labels.shape != (num,):
-            raise ValueError(f"labels must have shape ({num},), got {labels.shape}")
-        labels = labels.astype(np.int32)
-        padded = np.resize(labels, num_batches * batch).astype(np.int32)
-    else:
-        labels, padded = None, np.zeros(num_batches * batch, np.int32)
-    generate = make_generate_fn(
-        model,
-        formulation,
-        solver=solver,
-        sigmas=sigmas,
-        guidance=guidance,
-        sample_shape=sample_shape,
-        num_classes=num_classes,
-    )
-    b_sh, rep = batch_sharding(mesh), replicated(mesh)
-    p_sh = rep if param_shardings is None else param_shardings
-
-    def step(params, feat_params, key, batch_labels, start):
-        keys = jax.lax.with_sharding_constraint(sample_keys_for(key, start, batch), b_sh)
-        x, aux = generate(params, batch_labels, keys)
-        return x, evaluator.feature_fn(feat_params, x), aux["nfe"]
-
-    jitted = jax.jit(
-        step, in_shardings=(p_sh, rep, rep, b_sh, rep), out_shardings=(b_sh, b_sh, rep)
-    )
-    feat_params = jax.device_put(evaluator.feature_params, rep)
-    label_batches = [
-        jax.device_put(padded[i * batch : (i + 1) * batch], b_sh) for i in range(num_batches)
-    ]
-
-    def run(params: Any, seed: int, return_samples: bool = False) -> SampleEvalResult:
-        params = jax.device_put(params, p_sh)
-        key = jax.device_put(jax.random.key(seed), rep)
-        xs, feats, nfe = [], [], 0
-        for i in range(num_batches):
-            start = jax.device_put(jnp.asarray(i * batch, jnp.int32), rep)
-            x, f, n = jitted(params, feat_params, key, label_batches[i], start)
-            if return_samples:
-                xs.append(_to_host(x))
-            feats.append(jax.tree.map(_to_host, f))
-            nfe = int(n)
-        host = {k: np.concatenate([f[k] for f in feats])[:num] for k in feats[0]}
-        metrics = evaluator.reduce_fn(host, labels)
-        samples = np.concatenate(xs)[:num] if return_samples else None
-        return SampleEvalResult(metrics, samples, labels, nfe)
-
-    return run
-
-
-def sample_and_evaluate(
-    run: Any,
-    evaluator: str | Evaluator,
-    num: int,
-    seed: int,
-    mesh: Mesh,
-    *,
-    solver: Solver | None = None,
-    sigmas: ArrayLike | None = None,
-    guidance: Guidance | None | str = "config",
-    labels: ArrayLike | None = None,
-    batch_size: int = 256,
-    params: Any = None,
-    param_shardings: Any = None,
-    evaluator_kwargs: Mapping[str, Any] | None = None,
-    return_samples: bool = False,
-) -> SampleEvalResult:
-    """Draws ``num`` samples from a trained run on ``mesh`` and evaluates them.
-
-    Args:
-      run: A :class:`jaxdiff.inference.TrainedModel` (from ``load_run``), or anything
-        with ``config``, ``model``, ``formulation``, ``params``, ``num_classes`` and
-        ``sample_shape``.
-      evaluator: An :class:`Evaluator` or a name; for ``"toy"`` the dataset defaults
-        to the run's ``config.data.name``.
-      num: Number of samples.
-      seed: Sample ``j`` uses ``fold_in(key(seed), j)``.
-      mesh: Device mesh; the batch is split over ``('data', 'fsdp')``.
-      solver: Default: the run's ``config.sample.solver``.
-      sigmas: Default: Karras sigmas from the run's ``config.sample``.
-      guidance: A guidance, None, or ``"config"`` for the run's ``config.sample.guidance``
-        (dropped for unconditional models).
-      labels: ``[num]`` labels; default cycles the classes.
-      batch_size: Global samples per sharded call.
-      params: Model params; default ``run.params``.
-      param_shardings: Their shardings on ``mesh``; default replicated.
-      evaluator_kwargs: Options for :func:`get_evaluator` when ``evaluator`` is a name.
-      return_samples: Also return the samples (host memory: ``num`` samples).
-
-    Returns:
-      A :class:`SampleEvalResult`.
-    """
-    from jaxdiff.diffusion import karras_sigmas
-    from jaxdiff.guidance import parse_guidance
-    from jaxdiff.samplers import get_solver
-
-    sc = run.config.sample
-    if solver is None:
-        solver = get_solver(sc.solver)
-    if sigmas is None:
-        sigmas = karras_sigmas(sc.steps, sc.sigma_min, sc.sigma_max, sc.rho)
-    if isinstance(guidance, str):
-        guidance = parse_guidance(sc.guidance if guidance == "config" else guidance)
-        if run.num_classes == 0:
-            guidance = None
-    if isinstance(evaluator, str):
-        kwargs = dict(evaluator_kwargs or {})
-        if evaluator == "toy":
-            kwargs.setdefault("dataset", run.config.data.name)
-        evaluator = get_evaluator(evaluator, **kwargs)
-    fn = make_sample_and_evaluate_fn(
-        run.model,
-        run.formulation,
-        evaluator,
+    lab = None if labels is None else np.asarray(labels, np.int32)
+    run = make_sharded_generate(
+        generate,
         mesh=mesh,
         num=num,
-        solver=solver,
-        sigmas=sigmas,
-        guidance=guidance,
-        sample_shape=tuple(run.sample_shape),
-        num_classes=run.num_classes,
-        labels=labels,
+        labels=np.zeros(num, np.int32) if lab is None else lab,
         batch_size=batch_size,
         param_shardings=param_shardings,
+        extra_fn=evaluator.feature_fn,
+        extra_params=evaluator.feature_params,
     )
-    return fn(run.params if params is None else params, seed, return_samples)
+
+    def fn(params: Any, seed: int, return_samples: bool = False) -> SampleEvalResult:
+        out = run(params, seed, keep_samples=return_samples)
+        return SampleEvalResult(evaluator.reduce_fn(out.extras, lab), out.samples, lab, out.nfe)
+
+    return fn

@@ -1,14 +1,29 @@
-"""Training: train state with EMA, optimizer, pure train step, checkpoints, the loop."""
+"""Training pieces without config: state + EMA, optimizer, pure step, checkpoints, loop driver.
+
+The config-driven runs that put them together (``train_and_evaluate``) live in
+:mod:`jaxdiff.experiment`.
+"""
 
 from jaxdiff.training.checkpoint import Checkpointer, load_config
-from jaxdiff.training.loop import train_and_evaluate
+from jaxdiff.training.loop import Hook, StopSignal, mean_metrics, run_loop
 from jaxdiff.training.optim import make_optimizer
-from jaxdiff.training.state import TrainState, create_train_state, ema_key, update_ema
+from jaxdiff.training.state import (
+    TrainState,
+    abstract_state,
+    create_train_state,
+    ema_key,
+    make_state_fns,
+    train_state_shardings,
+    update_ema,
+)
 from jaxdiff.training.step import drop_labels, jit_train_step, make_loss_fn, make_train_step
 
 __all__ = [
     "Checkpointer",
+    "Hook",
+    "StopSignal",
     "TrainState",
+    "abstract_state",
     "create_train_state",
     "drop_labels",
     "ema_key",
@@ -16,7 +31,10 @@ __all__ = [
     "load_config",
     "make_loss_fn",
     "make_optimizer",
+    "make_state_fns",
     "make_train_step",
-    "train_and_evaluate",
+    "mean_metrics",
+    "run_loop",
+    "train_state_shardings",
     "update_ema",
 ]

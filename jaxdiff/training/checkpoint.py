@@ -165,6 +165,14 @@ class Checkpointer:
         restored = self._manager.restore(step, args=args)
         return restored[_STATE], restored[_DATA]
 
+    def _restore_subtree_step(self, step: int, item: PyTree) -> PyTree:
+        def arg(a):
+            return ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
+
+        restore_args = jax.tree.map(arg, item)
+        args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        return self._manager.restore(step, args=ocp.args.Composite(**{_STATE: args}))[_STATE]
+
     def restore(
         self, abstract_state: PyTree, step: int | None = None
     ) -> tuple[PyTree, dict | None, int]:
@@ -193,6 +201,34 @@ class Checkpointer:
             RuntimeError: if no step (or the requested ``step``) could be restored.
         """
         _check_abstract_state(abstract_state)
+        (state, data_state), found = self._first_readable(
+            lambda s: self._restore_step(s, abstract_state), step
+        )
+        return state, data_state, found
+
+    def restore_subtree(self, item: PyTree, step: int | None = None) -> tuple[PyTree, int]:
+        """Restores only part of the saved state, e.g. one EMA copy of the params.
+
+        Nothing outside ``item`` is read, so sampling a run never loads its optimizer
+        state. Falls back to older steps like :meth:`restore`.
+
+        Args:
+            item: a nested dict naming the wanted part of the saved state by its keys
+                (a dataclass state is stored as a dict of its fields), with
+                ``jax.ShapeDtypeStruct`` leaves carrying target shardings, e.g.
+                ``{"ema": {"0.999": abstract_params}}``.
+            step: a specific step, without fallback; ``None`` for the newest readable.
+
+        Returns:
+            ``(subtree, step)``.
+
+        Raises:
+            FileNotFoundError, ValueError, RuntimeError: as :meth:`restore`.
+        """
+        _check_abstract_state(item)
+        return self._first_readable(lambda s: self._restore_subtree_step(s, item), step)
+
+    def _first_readable(self, restore_fn, step: int | None):
         # Finish our own pending saves, then pick up steps written since construction
         # (e.g. by another Checkpointer on the same directory).
         self._manager.wait_until_finished()
@@ -211,7 +247,7 @@ class Checkpointer:
                     f"no checkpoint for step {step} in {self.directory}; available steps: {steps}"
                 )
             try:
-                return (*self._restore_step(step, abstract_state), step)
+                return restore_fn(step), step
             except Exception as e:
                 path = os.path.join(self.directory, str(step))
                 raise RuntimeError(f"could not restore checkpoint {path}: {e}") from e
@@ -220,7 +256,7 @@ class Checkpointer:
         for candidate in reversed(steps):
             path = os.path.join(self.directory, str(candidate))
             try:
-                state, data_state = self._restore_step(candidate, abstract_state)
+                restored = restore_fn(candidate)
             except Exception as e:  # Any failure means "unreadable": try an older step.
                 logger.warning(
                     "could not restore checkpoint %s (%s: %s); trying the previous step. "
@@ -231,7 +267,7 @@ class Checkpointer:
                 )
                 errors.append(f"{path}: {type(e).__name__}: {e}")
                 continue
-            return state, data_state, candidate
+            return restored, candidate
         raise RuntimeError(
             f"none of the {len(steps)} checkpoints in {self.directory} could be restored "
             "(does abstract_state match the saved state's structure, shapes and dtypes?). "
@@ -262,11 +298,12 @@ class Checkpointer:
         self.close()
 
 
-def load_config(directory: str | os.PathLike) -> dict | None:
+def load_config(directory: str | os.PathLike, step: int | None = None) -> dict | None:
     """Reads the config stored with the newest step whose config is readable.
 
     Args:
         directory: the checkpoint directory given to :class:`Checkpointer`.
+        step: read this step's config only (no fallback); None for the newest readable.
 
     Returns:
         The config dict, or ``None`` if the directory holds no checkpoint (or the
@@ -281,6 +318,8 @@ def load_config(directory: str | os.PathLike) -> dict | None:
     manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
     try:
         steps = sorted(manager.all_steps())
+        if step is not None:
+            steps = [s for s in steps if s == int(step)]
         errors = []
         for step in reversed(steps):
             try:

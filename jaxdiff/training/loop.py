@@ -1,34 +1,32 @@
-"""``train_and_evaluate(config, workdir)``: the diffusion training loop.
+"""The one loop driver shared by training and distillation: :func:`run_loop`.
 
-The config is read here, at the edge; everything below takes explicit arguments. The loop
-resumes automatically from the newest readable checkpoint in ``workdir/checkpoints``
-(params, EMA, optimizer and data-iterator state), so a restarted job continues the same
-step count and the same data order.
+It owns what every long run needs and nothing about the model: metric logging and the
+progress bar, periodic checkpoints, preemption (SIGTERM or orbax's multi-host notice), a
+non-finite-metrics stop that first waits for the last save to land, and hooks (sample
+grids, evaluation) that run *after* a step's checkpoint, so an optional hook that fails
+never costs a checkpoint. The step itself is a callable, so a diffusion train step and
+f-distill's alternating critic/generator updates run through the same code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
-from jaxdiff.parallel import global_batch, is_main_process
 from jaxdiff.training.checkpoint import Checkpointer
-from jaxdiff.training.experiment import Experiment, build_experiment, init_state, run_metadata
-from jaxdiff.training.step import jit_train_step, make_train_step
-from jaxdiff.training.writers import create_default_writer, progress
-from jaxdiff.utils.images import save_image_grid
+from jaxdiff.training.writers import MetricWriter, progress
 
 log = logging.getLogger(__name__)
 
-RUN_KEY = "_run"
-"""Key of the run metadata (classes, sample shape) stored in the checkpoint's config."""
+StepFn = Callable[[Any, int], tuple[Any, dict[str, jax.Array]]]
+"""``step_fn(state, step) -> (state, metrics)``: one update, ``step`` counting from 1."""
 
 
 class StopSignal:
@@ -57,118 +55,130 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def _check_finite(metrics: dict[str, float], step: int, ckpt: Checkpointer) -> None:
-    bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
-    if bad:
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """Work the loop does every ``every`` steps and at the last step, after checkpointing.
+
+    Attributes:
+        name: for log messages.
+        every: period in steps; 0 = only at the last step.
+        fn: ``fn(step, state) -> scalars or None``; returned scalars are written at ``step``.
+    """
+
+    name: str
+    every: int
+    fn: Callable[[int, Any], dict[str, float] | None]
+
+    def due(self, step: int, is_last: bool) -> bool:
+        """Whether the hook runs at ``step``."""
+        return is_last or (self.every > 0 and step % self.every == 0)
+
+
+def mean_metrics(window: Sequence[dict[str, jax.Array]]) -> dict[str, float]:
+    """Per-key means over a window of step metrics (a key may be missing from some steps)."""
+    stacked = jax.device_get(list(window))
+    keys = sorted({k for m in stacked for k in m})
+    return {k: float(np.mean([m[k] for m in stacked if k in m])) for k in keys}
+
+
+def _check_finite(scalars: dict[str, float], step: int, ckpts: Sequence[Checkpointer]) -> None:
+    bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
+    if not bad:
+        return
+    # Let in-flight saves land first, so the step named below really is on disk.
+    for ckpt in ckpts:
         ckpt.wait_until_finished()
-        raise FloatingPointError(
-            f"non-finite metrics at step {step}: {metrics}. Training stopped without saving; "
-            f"the last good checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is "
-            "intact. Lower the learning rate or tighten gradient clipping, then rerun to resume."
-        )
+    last = ckpts[0].latest_step() if ckpts else None
+    raise FloatingPointError(
+        f"non-finite metrics at step {step}: {bad}. The run stopped without saving; the "
+        f"last good checkpoint (step {last}) in {ckpts[0].directory if ckpts else '-'} is "
+        "intact. Lower the learning rate or tighten gradient clipping, then rerun to resume."
+    )
 
 
-def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
-    stacked = jax.device_get(window)
-    return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+def run_loop(
+    state: Any,
+    step_fn: StepFn,
+    *,
+    start: int,
+    num_steps: int,
+    log_every: int,
+    checkpoint_every: int,
+    save: Callable[[int, Any], None],
+    checkpointers: Sequence[Checkpointer],
+    writer: MetricWriter,
+    hooks: Sequence[Hook] = (),
+    examples_per_step: int | None = None,
+    progress_metric: str = "loss",
+) -> Any:
+    """Runs steps ``start + 1 .. num_steps``; returns the last state.
 
-
-def maybe_write_samples(exp: Experiment, state: Any, step: int, workdir: Path) -> None:
-    """Writes a grid of EMA samples to ``workdir/samples/step_XXXXXX.png`` on process 0."""
-    images = np.asarray(jax.device_get(exp.sample_grid(state)))
-    if is_main_process():
-        path = workdir / "samples" / f"step_{step:06d}.png"
-        save_image_grid(path, images, scale=exp.grid_scale)
-        log.info("wrote samples to %s", path)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> Any:
-    """Trains a diffusion model as ``config`` says, checkpointing and sampling in ``workdir``.
+    At each step, in order: the update; every ``log_every`` steps (and at checkpoint and
+    last steps) the mean metrics of the window are checked for NaN/inf and written; every
+    ``checkpoint_every`` steps, at the last step and on preemption ``save(step, state)``;
+    then the due hooks. On SIGTERM (one process) or orbax's preemption notice (several)
+    the loop saves and returns early.
 
     Args:
-        config: an experiment config (see ``train/configs/digits.py``).
-        workdir: where checkpoints, metrics and sample grids go; reused to resume.
-
-    Returns:
-        The final :class:`~jaxdiff.training.state.TrainState`.
+        state: the initial (or restored) state.
+        step_fn: one update, ``(state, step) -> (state, metrics)``.
+        start: the step ``state`` is at (0 for a fresh run).
+        num_steps: the step to stop at.
+        log_every: logging period.
+        checkpoint_every: checkpoint period.
+        save: writes the checkpoint(s) of a step (asynchronously is fine).
+        checkpointers: those ``save`` writes to; the first names the run's checkpoints in
+            messages and supplies the multi-host preemption notice.
+        writer: metric writer.
+        hooks: periodic extra work (grids, evaluation).
+        examples_per_step: global batch size, for the ``images_per_s`` metric.
+        progress_metric: metric shown by the progress bar.
 
     Raises:
-        ValueError: for a bad config value (the message names it and the fix).
-        FloatingPointError: if the loss becomes non-finite.
+        FloatingPointError: on non-finite metrics, after pending saves have landed.
     """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    exp = build_experiment(config)
-    tc = config.train
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=tc.keep_checkpoints)
-    state, start = init_state(exp, ckpt)
-    writer = create_default_writer(workdir, just_logging=not is_main_process())
-    if start == 0:
-        writer.write_hparams(config.to_dict())
-    step_fn = jit_train_step(
-        make_train_step(
-            exp.model,
-            exp.formulation,
-            exp.tx,
-            num_classes=exp.num_classes,
-            label_dropout=tc.label_dropout,
-            ema_warmup=tc.ema_warmup,
-        ),
-        exp.state_shardings,
-        exp.mesh,
-    )
-    key = jax.random.key(config.seed)
     # One process: catch SIGTERM ourselves. Several: a local flag could make processes stop
     # at different steps, so only orbax's synchronised preemption notice is used.
     stop = StopSignal(signals=(signal.SIGTERM,) if jax.process_count() == 1 else ())
-    try:
-        state = _run_steps(config, exp, state, start, step_fn, key, ckpt, writer, workdir, stop)
-    finally:
-        stop.restore()
-        ckpt.wait_until_finished()
-        writer.flush()
-        writer.close()
-    return state
-
-
-def _run_steps(config, exp, state, start, step_fn, key, ckpt, writer, workdir, stop):
-    """The step loop of :func:`train_and_evaluate`; returns the last state."""
-    tc = config.train
-    saved_config = {**config.to_dict(), RUN_KEY: run_metadata(exp)}
-    bar = progress(tc.num_steps, start)
+    bar = progress(num_steps, start)
     window: list[dict[str, jax.Array]] = []
     t_last, step_last = time.perf_counter(), start
-    for step in range(start + 1, tc.num_steps + 1):
-        batch = global_batch(exp.to_model_batch(next(exp.data)), exp.mesh)
-        state, metrics = step_fn(state, batch, key)
-        window.append(metrics)
-        is_last = step == tc.num_steps
-        if step % tc.log_every == 0 or is_last or step % tc.checkpoint_every == 0:
-            scalars = _mean_metrics(window)
-            _check_finite(scalars, step, ckpt)
-            window.clear()
-            dt = time.perf_counter() - t_last
-            scalars["steps_per_s"] = (step - step_last) / dt
-            scalars["images_per_s"] = scalars["steps_per_s"] * tc.batch_size
-            t_last, step_last = time.perf_counter(), step
-            writer.write_scalars(step, scalars)
-            bar.update(step, loss=scalars["loss"])
-        if exp.evaluate is not None and (step % config.eval.every == 0 or is_last):
-            scores = exp.evaluate(state)
-            writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
-        wants_grid = is_last or (tc.sample_every and step % tc.sample_every == 0)
-        if wants_grid and config.sample.grid_size > 0:
-            maybe_write_samples(exp, state, step, workdir)
-        preempted = stop.received is not None or ckpt.reached_preemption(step)
-        if step % tc.checkpoint_every == 0 or is_last or preempted:
-            if preempted:  # metrics since the last log step were not checked yet
-                _check_finite(_mean_metrics(window) if window else {}, step, ckpt)
-            ckpt.save(step, state, data_state=exp.data.get_state(), config=saved_config)
-        if preempted:
-            log.warning("stopping at step %d on a preemption signal; rerun to resume", step)
-            break
-    bar.close()
+    try:
+        for step in range(start + 1, num_steps + 1):
+            state, metrics = step_fn(state, step)
+            window.append(metrics)
+            is_last = step == num_steps
+            preempted = stop.received is not None or (
+                bool(checkpointers) and checkpointers[0].reached_preemption(step)
+            )
+            wants_save = step % checkpoint_every == 0 or is_last or preempted
+            if window and (step % log_every == 0 or wants_save):
+                scalars = mean_metrics(window)
+                window.clear()
+                _check_finite(scalars, step, checkpointers)
+                dt = time.perf_counter() - t_last
+                scalars["steps_per_s"] = (step - step_last) / dt
+                if examples_per_step:
+                    scalars["images_per_s"] = scalars["steps_per_s"] * examples_per_step
+                t_last, step_last = time.perf_counter(), step
+                writer.write_scalars(step, scalars)
+                bar.update(step, loss=scalars.get(progress_metric, float("nan")))
+            if wants_save:
+                save(step, state)
+            if preempted:
+                log.warning("stopping at step %d on a preemption signal; rerun to resume", step)
+                break
+            for hook in hooks:
+                if hook.due(step, is_last):
+                    scores = hook.fn(step, state)
+                    if scores:
+                        writer.write_scalars(step, scores)
+    finally:
+        bar.close()
+        stop.restore()
+        for ckpt in checkpointers:
+            ckpt.wait_until_finished()
     return state
 
 
-__all__ = ["maybe_write_samples", "train_and_evaluate"]
+__all__ = ["Hook", "StepFn", "StopSignal", "mean_metrics", "run_loop"]

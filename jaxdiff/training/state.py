@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
+
+from jaxdiff.parallel import param_shardings, replicated
 
 
 @flax.struct.dataclass
@@ -66,3 +70,63 @@ def update_ema(ema: dict[str, Any], params: Any, step: jax.Array, warmup: bool) 
             decay = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
         out[key] = jax.tree.map(lambda e, p, d=decay: d * e + (1.0 - d) * p, tree, params)
     return out
+
+
+def train_state_shardings(abstract: TrainState, p_shard: Any, tx, mesh: Mesh) -> TrainState:
+    """Shardings of a TrainState: params, EMA and param-shaped optimizer leaves as ``p_shard``.
+
+    Args:
+        abstract: the state's shapes (``jax.eval_shape`` of its init).
+        p_shard: NamedShardings shaped like the params.
+        tx: the optimizer whose state ``abstract.opt_state`` is.
+        mesh: the mesh; everything that is not param-shaped is replicated on it.
+    """
+    rep = replicated(mesh)
+    opt = optax.tree_map_params(
+        tx, lambda _, s: s, abstract.opt_state, p_shard, transform_non_params=lambda _: rep
+    )
+    return TrainState(
+        step=rep, params=p_shard, ema={k: p_shard for k in abstract.ema}, opt_state=opt
+    )
+
+
+def init_params_fn(
+    model: nn.Module, sample_shape: tuple[int, ...], num_classes: int
+) -> Callable[[jax.Array], Any]:
+    """``key -> boxed params`` of ``model`` (logical axis names kept, for shardings)."""
+    x = jnp.zeros((1, *sample_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.float32)
+    c = jnp.zeros((1,), jnp.int32) if num_classes else None
+
+    def boxed_init(key):
+        return model.init({"params": key, "dropout": key}, x, t, c)["params"]
+
+    return boxed_init
+
+
+def make_state_fns(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    sample_shape: tuple[int, ...],
+    num_classes: int,
+    ema_rates: tuple[float, ...],
+) -> tuple[Callable[[jax.Array], TrainState], TrainState]:
+    """Returns ``init_fn(key) -> TrainState`` and the state's shardings on ``mesh``."""
+    boxed_init = init_params_fn(model, sample_shape, num_classes)
+
+    def init_fn(key):
+        return create_train_state(nn.unbox(boxed_init(key)), tx, ema_rates)
+
+    key = jax.random.key(0)
+    p_shard = param_shardings(jax.eval_shape(boxed_init, key), mesh)
+    return init_fn, train_state_shardings(jax.eval_shape(init_fn, key), p_shard, tx, mesh)
+
+
+def abstract_state(init_fn: Callable, shardings: Any) -> Any:
+    """ShapeDtypeStructs of ``init_fn``'s output with target shardings (to restore onto)."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(init_fn, jax.random.key(0)),
+        shardings,
+    )

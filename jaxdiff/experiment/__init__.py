@@ -1,0 +1,84 @@
+"""The composition layer: config in, runs out. The only code in jaxdiff that reads a config.
+
+Everything below it (models, formulations, samplers, guidance, metrics, the train step,
+checkpoints, the loop driver) takes explicit arguments; this package turns an
+``ml_collections.ConfigDict`` into those objects and drives the runs:
+
+* :func:`train_and_evaluate`, :func:`distill_and_evaluate`, :func:`train_classifier`:
+  the runs behind ``python -m train`` (chosen by ``config.method``);
+* :func:`load_run`: a trained run's config and one set of params, sharded onto any mesh;
+* :func:`resolve_sampler`: the one sampler spec (solver, sigmas, guidance) from a run's
+  ``config.sample`` plus overrides; :func:`build_guidance` for any guidance string;
+* :func:`generate_samples`, :func:`hybrid_generate_samples`, :func:`sample_and_evaluate`:
+  sampling and evaluation of loaded runs.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from jaxdiff.errors import InvalidArgumentError
+from jaxdiff.experiment.classifier import train_classifier, train_digits_classifier
+from jaxdiff.experiment.distill import distill_and_evaluate
+from jaxdiff.experiment.evaluate import build_evaluator, sample_and_evaluate
+from jaxdiff.experiment.generation import (
+    generate_fn,
+    generate_samples,
+    hybrid_generate_samples,
+)
+from jaxdiff.experiment.runs import TrainedModel, load_run
+from jaxdiff.experiment.sampling import (
+    SamplerSpec,
+    build_guidance,
+    build_solver,
+    parse_labels,
+    resolve_sampler,
+)
+from jaxdiff.experiment.train import Experiment, build_experiment, init_state, train_and_evaluate
+
+METHODS = {
+    "train": train_and_evaluate,
+    "distill": distill_and_evaluate,
+    "classifier": train_classifier,
+}
+"""``config.method`` -> the run it selects (``"train"`` when the key is absent)."""
+
+
+def run_experiment(config: ml_collections.ConfigDict, workdir: str | Path) -> Any:
+    """Runs ``config`` in ``workdir`` with the driver its ``method`` names.
+
+    Raises:
+        InvalidArgumentError: for an unknown ``config.method``.
+    """
+    method = config.get("method", "train")
+    if method not in METHODS:
+        raise InvalidArgumentError(
+            f"unknown config.method {method!r}: choose one of {sorted(METHODS)}"
+        )
+    return METHODS[method](config, workdir)
+
+
+__all__ = [
+    "METHODS",
+    "Experiment",
+    "SamplerSpec",
+    "TrainedModel",
+    "build_evaluator",
+    "build_experiment",
+    "build_guidance",
+    "build_solver",
+    "distill_and_evaluate",
+    "generate_fn",
+    "generate_samples",
+    "hybrid_generate_samples",
+    "init_state",
+    "load_run",
+    "parse_labels",
+    "resolve_sampler",
+    "run_experiment",
+    "sample_and_evaluate",
+    "train_and_evaluate",
+    "train_classifier",
+    "train_digits_classifier",
+]

@@ -1,0 +1,246 @@
+"""``distill_and_evaluate(config, workdir)``: distils a trained run into a few-step student.
+
+The teacher is a training workdir (``config.teacher``) restored with
+:func:`jaxdiff.experiment.load_run` onto the run's mesh; its data set supplies the "real"
+images of the discriminator. The loop is the training loop
+(:func:`jaxdiff.training.run_loop`): the same logging, checkpoints, preemption handling
+and NaN stop.
+
+``workdir`` gets two checkpoint directories:
+
+* ``checkpoints/``: the *student* as an ordinary run, a TrainState of the generator
+  (params, EMA, optax state) with the teacher's model config, the generator's optimizer
+  config, a sampling section for the student's steps (Euler from ``sigma_max``: the
+  sample is ``G(sigma_max z)``) and the run metadata, so ``load_run`` and ``python -m
+  sample --workdir=STUDENT`` work unchanged;
+* ``distill_state/``: the whole :class:`~jaxdiff.distill.fdistill.DistillState` and the
+  data iterator, from which a restarted job resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxdiff.distill.fdistill import (
+    FDistillConfig,
+    distill_state_shardings,
+    init_distill_state,
+    is_generator_step,
+    jit_steps,
+    make_steps,
+)
+from jaxdiff.distill.few_step import active_steps, few_step_sample, student_sigmas
+from jaxdiff.distill.nets import make_unet_nets
+from jaxdiff.errors import InvalidArgumentError
+from jaxdiff.experiment.builders import (
+    RUN_KEY,
+    build_data,
+    build_mesh,
+    build_optimizer,
+    check_loop_config,
+    run_metadata,
+)
+from jaxdiff.experiment.runs import load_run
+from jaxdiff.parallel import global_batch, is_main_process
+from jaxdiff.training.checkpoint import Checkpointer
+from jaxdiff.training.loop import Hook, run_loop
+from jaxdiff.training.writers import create_default_writer
+from jaxdiff.utils.images import save_image_grid
+from jaxdiff.utils.rng import per_sample_keys, start_noise
+
+log = logging.getLogger(__name__)
+
+
+def fdistill_config(config: ml_collections.ConfigDict, teacher_sample: Any) -> FDistillConfig:
+    """The :class:`FDistillConfig` of ``config.distill`` on the teacher's sigma range."""
+    d = config.distill
+    sigmas = student_sigmas(
+        d.student_steps, teacher_sample.sigma_min, teacher_sample.sigma_max, teacher_sample.rho
+    )
+    return FDistillConfig(
+        divergence=d.divergence,
+        gan_weight=d.gan_weight,
+        disc_weight=d.disc_weight,
+        gan_loss=d.gan_loss,
+        r1_weight=d.r1_weight,
+        num_time_bins=d.num_time_bins,
+        bin_ema=d.bin_ema,
+        sigma_min=teacher_sample.sigma_min,
+        sigma_max=teacher_sample.sigma_max,
+        rho=teacher_sample.rho,
+        gen_t_range=tuple(d.gen_t_range),
+        fake_t_range=tuple(d.fake_t_range),
+        disc_t_range=tuple(d.disc_t_range),
+        student_sigmas=tuple(float(s) for s in sigmas),
+        extractor=d.extractor,
+        num_heads=d.num_heads,
+        head_kinds=tuple(d.head_kinds),
+        num_groups=d.num_groups,
+        heads_per_step=d.heads_per_step,
+        refresh_fraction=d.refresh_fraction,
+    )
+
+
+def student_config(config: ml_collections.ConfigDict, teacher_config: Any, meta: dict) -> dict:
+    """The config stored beside the student's checkpoints (what ``load_run`` reads)."""
+    out = teacher_config.to_dict()
+    out["optim"] = config.optim.to_dict()
+    out["train"] = {**out["train"], "ema_rates": tuple(config.train.ema_rates)}
+    out["sample"] = {
+        **out["sample"],
+        "solver": "euler",
+        "steps": int(config.distill.student_steps),
+        "guidance": "none",
+    }
+    out["distill_config"] = config.to_dict()
+    out[RUN_KEY] = meta
+    return out
+
+
+def _grid_hook(config, teacher, nets, cfg, workdir: Path) -> Hook | None:
+    num = int(config.sample.grid_size)
+    if num <= 0:
+        return None
+    keys = per_sample_keys(jax.random.key(config.seed + 1), num)
+    noise = start_noise(keys, teacher.sample_shape)
+    labels = (np.arange(num) % teacher.num_classes) if teacher.num_classes else None
+
+    def gen(p, x, sigma, c):
+        return nets.student(p, x, sigma, c)[0]
+
+    sample = jax.jit(
+        lambda p, z, c: few_step_sample(gen, p, z, c, cfg.student_sigmas, jax.random.key(0))
+    )
+
+    def write(step: int, state: Any) -> None:
+        del step
+        params = state.gen.ema[next(iter(state.gen.ema))] if state.gen.ema else state.gen.params
+        images = np.asarray(sample(params, noise, labels))
+        if is_main_process():
+            path = workdir / "samples" / "student.png"
+            save_image_grid(path, images, scale=int(config.sample.grid_scale))
+            log.info("wrote student samples to %s", path)
+
+    return Hook("student samples", 0, write)
+
+
+def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> Any:
+    """Distils ``config.teacher`` into a student in ``workdir`` (resumes if it can).
+
+    Args:
+        config: a distillation config (``method = "distill"``).
+        workdir: where the student checkpoints, metrics and grids go.
+
+    Returns:
+        The final :class:`~jaxdiff.distill.fdistill.DistillState`.
+
+    Raises:
+        InvalidArgumentError: for a missing teacher or bad values (the message names the fix).
+        FloatingPointError: if a loss becomes non-finite (the last checkpoint is intact).
+    """
+    if not config.get("teacher"):
+        raise InvalidArgumentError(
+            "no teacher: pass --config.teacher=WORKDIR, the workdir of a trained run "
+            "(e.g. `python -m train --workdir=runs/digits` first)"
+        )
+    check_loop_config(config)
+    tc, d = config.train, config.distill
+    mesh = build_mesh(config)
+    ema = None if config.teacher_ema == "none" else config.teacher_ema
+    teacher = load_run(config.teacher, ema=ema, mesh=mesh)
+    _, data, _ = build_data(config, teacher.config.data)
+    cfg = fdistill_config(config, teacher.config.sample)
+    nets = make_unet_nets(
+        teacher.model,
+        teacher.formulation,
+        cfg,
+        num_classes=teacher.num_classes,
+        sample_shape=teacher.sample_shape,
+        teacher_params_example=teacher.params,
+        feature_names=tuple(d.feature_names),
+        head_width=d.head_width,
+        teacher_guidance=d.teacher_guidance,
+    )
+    txs = (
+        build_optimizer(config.optim),
+        build_optimizer(config.critic_optim),
+        build_optimizer(config.critic_optim),
+    )
+    p_shard, teacher_params = teacher.param_shardings, teacher.params
+
+    def init_fn(key):
+        return init_distill_state(
+            teacher_params, teacher_params, nets.init_pool(key), txs, cfg, tuple(tc.ema_rates)
+        )
+
+    abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    shardings = distill_state_shardings(abstract, p_shard, txs, mesh)
+    workdir = Path(workdir)
+    hooks = [_grid_hook(config, teacher, nets, cfg, workdir)]
+    workdir.mkdir(parents=True, exist_ok=True)
+    full_ckpt = Checkpointer(workdir / "distill_state", max_to_keep=tc.keep_checkpoints)
+    student_ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=tc.keep_checkpoints)
+    if full_ckpt.latest_step() is None:
+        state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed + 7))
+        start = 0
+    else:
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
+        state, data_state, start = full_ckpt.restore(target)
+        if data_state is not None:
+            data.set_state(data_state)
+        log.info("resumed distillation from step %d in %s", start, workdir)
+    gen_step, critic_step = jit_steps(make_steps(nets, cfg, txs), shardings, p_shard, mesh)
+    saved = student_config(
+        config, teacher.config, run_metadata(teacher.num_classes, teacher.sample_shape)
+    )
+    writer = create_default_writer(workdir, just_logging=not is_main_process())
+    if start == 0:
+        writer.write_hparams(config.to_dict())
+    key = jax.random.key(config.seed)
+
+    def step_fn(state, step):
+        raw = next(data)
+        local = {"image": raw["image"]}
+        if teacher.num_classes > 0:
+            local["label"] = raw["label"]
+        batch = global_batch(local, mesh)
+        gen_updates = (step - 1) // (d.critic_steps + 1)
+        num_active = active_steps(gen_updates, d.refine_stage_steps, d.student_steps)
+        update = gen_step if is_generator_step(step - 1, d.critic_steps) else critic_step
+        return update(state, teacher_params, batch, key, num_active)
+
+    def save(step, state):
+        full_ckpt.save(step, state, data_state=data.get_state(), config=saved)
+        student_ckpt.save(step, state.gen, config=saved)
+
+    try:
+        return run_loop(
+            state,
+            step_fn,
+            start=start,
+            num_steps=tc.num_steps,
+            log_every=tc.log_every,
+            checkpoint_every=tc.checkpoint_every,
+            save=save,
+            checkpointers=[student_ckpt, full_ckpt],
+            writer=writer,
+            hooks=[h for h in hooks if h is not None],
+            examples_per_step=tc.batch_size,
+            progress_metric="gen_loss",
+        )
+    finally:
+        full_ckpt.close()
+        student_ckpt.close()
+        writer.flush()
+        writer.close()
+
+
+__all__ = ["distill_and_evaluate", "fdistill_config", "student_config"]

@@ -1,0 +1,141 @@
+"""Samples from loaded runs: the plain sampler and diversity distillation's hybrid.
+
+Both build a ``generate(params, labels, keys)`` function and hand it to the one sharded
+batching loop, :func:`jaxdiff.parallel.make_sharded_generate`: sample ``j`` is seeded by
+``fold_in(key(seed), j)``, so the same seed gives the same images at any batch size or
+device count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from jaxdiff.distill.few_step import student_sigmas
+from jaxdiff.distill.hybrid import make_hybrid_generate_fn
+from jaxdiff.errors import InvalidArgumentError
+from jaxdiff.experiment.runs import TrainedModel
+from jaxdiff.experiment.sampling import SamplerSpec
+from jaxdiff.generate import make_generate_fn
+from jaxdiff.parallel import make_sharded_generate
+
+
+def generate_fn(run: TrainedModel, spec: SamplerSpec) -> Callable[..., tuple[jax.Array, dict]]:
+    """``generate(params, labels, keys) -> (samples, aux)`` of a run and a sampler spec."""
+    return make_generate_fn(
+        run.model,
+        run.formulation,
+        solver=spec.solver,
+        sigmas=spec.sigmas,
+        guidance=spec.guidance,
+        sample_shape=run.sample_shape,
+        num_classes=run.num_classes,
+    )
+
+
+def _draw(generate, params, shardings, mesh, *, num, labels, seed, batch_size):
+    run = make_sharded_generate(
+        generate,
+        mesh=mesh,
+        num=num,
+        labels=labels,
+        batch_size=batch_size,
+        param_shardings=shardings,
+    )
+    out = run(params, seed)
+    return out.samples, out.nfe
+
+
+def generate_samples(
+    run: TrainedModel,
+    spec: SamplerSpec,
+    *,
+    num: int,
+    labels: np.ndarray,
+    seed: int,
+    batch_size: int = 256,
+) -> tuple[np.ndarray, int]:
+    """Draws ``num`` samples on the run's mesh, the batch split over its batch axes.
+
+    Args:
+        run: a loaded run (:func:`jaxdiff.experiment.load_run`).
+        spec: the sampler (:func:`jaxdiff.experiment.resolve_sampler`).
+        num: number of samples.
+        labels: ``[num]`` labels (:func:`jaxdiff.experiment.parse_labels`).
+        seed: sample ``j`` uses ``fold_in(key(seed), j)``.
+        batch_size: global samples per compiled call.
+
+    Returns:
+        ``(samples [num, ...] float32, network evaluations per sample)``.
+    """
+    return _draw(
+        generate_fn(run, spec),
+        run.params,
+        run.param_shardings,
+        run.mesh,
+        num=num,
+        labels=labels,
+        seed=seed,
+        batch_size=batch_size,
+    )
+
+
+def student_levels(student: TrainedModel) -> np.ndarray:
+    """A distilled student's own input noise levels (one level for a one-step student)."""
+    sc = student.config.sample
+    distill = student.config.get("distill_config", {}).get("distill", {})
+    return student_sigmas(int(distill.get("student_steps", 1)), sc.sigma_min, sc.sigma_max, sc.rho)
+
+
+def hybrid_generate_samples(
+    base: TrainedModel,
+    student: TrainedModel,
+    spec: SamplerSpec,
+    *,
+    switch_step: int,
+    num: int,
+    labels: np.ndarray,
+    seed: int,
+    batch_size: int = 256,
+) -> tuple[np.ndarray, int]:
+    """:func:`generate_samples` for the hybrid sampler: ``base`` first, then ``student``.
+
+    Both runs must be loaded onto the same mesh. The base phase uses ``spec`` (solver,
+    sigmas, guidance); the student finishes unguided from ``spec.sigmas[switch_step]``.
+
+    Raises:
+        InvalidArgumentError: if the runs' sample shapes or meshes differ.
+    """
+    if base.sample_shape != student.sample_shape:
+        raise InvalidArgumentError(
+            f"base and student sample shapes differ: {base.sample_shape} vs "
+            f"{student.sample_shape}: pass the student distilled from this base run"
+        )
+    if base.mesh is not student.mesh:
+        raise InvalidArgumentError("load the base and the student runs onto the same mesh")
+    generate = make_hybrid_generate_fn(
+        (base.model, base.formulation),
+        (student.model, student.formulation),
+        solver=spec.solver,
+        sigmas=spec.sigmas,
+        switch_step=switch_step,
+        student_levels=student_levels(student),
+        guidance=spec.guidance,
+        sample_shape=base.sample_shape,
+        num_classes=base.num_classes,
+    )
+    return _draw(
+        generate,
+        (base.params, student.params),
+        (base.param_shardings, student.param_shardings),
+        base.mesh,
+        num=num,
+        labels=labels,
+        seed=seed,
+        batch_size=batch_size,
+    )
+
+
+__all__ = ["generate_fn", "generate_samples", "hybrid_generate_samples", "student_levels"]

@@ -1,0 +1,142 @@
+"""A trained run as sampling sees it: :func:`load_run` restores config + one set of params.
+
+It reads only ``workdir/checkpoints`` (the config is stored beside every checkpoint),
+never the training data, and never the optimizer state: only the chosen EMA copy (or the
+raw params) is read, straight onto the shardings of the mesh it is given, whatever device
+count the run was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from jaxdiff.diffusion import Formulation
+from jaxdiff.errors import InvalidArgumentError
+from jaxdiff.experiment.builders import RUN_KEY, build_formulation, build_model
+from jaxdiff.parallel import make_mesh, param_shardings
+from jaxdiff.training.checkpoint import Checkpointer, load_config
+from jaxdiff.training.state import ema_key, init_params_fn
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A restored run: its config, network, formulation and chosen params.
+
+    Attributes:
+        config: the training config.
+        model: the network.
+        formulation: its formulation.
+        params: the chosen params (an EMA copy by default), sharded on ``mesh``.
+        num_classes: classes (0 = unconditional; null class id = ``num_classes``).
+        sample_shape: shape of one sample.
+        step: the checkpoint's training step.
+        mesh: the mesh the params live on.
+        param_shardings: their NamedShardings (from the model's logical axes).
+        which: which params: an EMA key such as ``"0.999"``, or ``"params"``.
+    """
+
+    config: ml_collections.ConfigDict
+    model: nn.Module
+    formulation: Formulation
+    params: Any
+    num_classes: int
+    sample_shape: tuple[int, ...]
+    step: int
+    mesh: Any = None
+    param_shardings: Any = None
+    which: str = "params"
+
+
+def _stored_config(ckpt_dir: str, workdir: Any, step: int | None = None) -> dict:
+    stored = load_config(ckpt_dir, step)
+    if stored is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {ckpt_dir}: train one first with "
+            f"`python -m train --workdir={workdir}`, or pass the workdir of a finished run"
+        )
+    return stored
+
+
+def load_run(
+    workdir: str | os.PathLike, *, ema: str | None = "default", mesh: Any = None
+) -> TrainedModel:
+    """Restores the newest readable checkpoint of a run: config plus one set of params.
+
+    Args:
+        workdir: the run's workdir (holding ``checkpoints/``); a ``gs://`` path works.
+        ema: which params: ``"default"`` (the first EMA rate, or the raw params if the run
+            kept none), an EMA rate such as ``"0.999"``, or None for the raw params.
+        mesh: the mesh to shard the params onto, by the model's logical axis rules
+            (e.g. ``make_mesh(data=2, fsdp=2)``); default one device.
+
+    Returns:
+        The restored model.
+
+    Raises:
+        FileNotFoundError: if ``workdir`` holds no checkpoint (says how to train one).
+        InvalidArgumentError: for an EMA rate the run did not keep.
+
+    Example:
+        >>> run = load_run("runs/digits", mesh=make_mesh())  # doctest: +SKIP
+    """
+    path = os.fspath(workdir)
+    if "://" in path:  # a bucket: orbax resolves it
+        ckpt_dir = path.rstrip("/") + "/checkpoints"
+    else:
+        ckpt_dir = str(Path(path).resolve() / "checkpoints")
+    stored = _stored_config(ckpt_dir, workdir)
+    meta = stored.pop(RUN_KEY)
+    config = ml_collections.ConfigDict(stored)
+    num_classes, shape = int(meta["num_classes"]), tuple(meta["sample_shape"])
+    rates = [ema_key(r) for r in config.train.ema_rates]
+    if ema == "default":
+        ema = rates[0] if rates else None
+    if ema is not None and ema not in rates:
+        raise InvalidArgumentError(
+            f"EMA rate {ema!r} not in this run: it kept {rates}; pass one of them, "
+            "'default', or 'none' for the raw params"
+        )
+    model = build_model(config, num_classes)
+    mesh = make_mesh(devices=jax.devices()[:1]) if mesh is None else mesh
+    boxed = jax.eval_shape(init_params_fn(model, shape, num_classes), jax.random.key(0))
+    shardings = param_shardings(boxed, mesh)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
+    )
+    item = {"params": abstract} if ema is None else {"ema": {ema: abstract}}
+    ckpt = Checkpointer(ckpt_dir)
+    try:
+        restored, step = ckpt.restore_subtree(item)
+        newest = ckpt.latest_step()
+    finally:
+        ckpt.close()
+    params = restored["params"] if ema is None else restored["ema"][ema]
+    if step != newest:  # fell back: read the config that belongs to that step
+        stored = _stored_config(ckpt_dir, workdir, step)
+        stored.pop(RUN_KEY)
+        config = ml_collections.ConfigDict(stored)
+    return TrainedModel(
+        config=config,
+        model=model,
+        formulation=build_formulation(config),
+        params=params,
+        num_classes=num_classes,
+        sample_shape=shape,
+        step=step,
+        mesh=mesh,
+        param_shardings=shardings,
+        which="params" if ema is None else ema,
+    )
+
+
+__all__ = ["TrainedModel", "load_run"]
