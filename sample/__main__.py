@@ -6,7 +6,8 @@ samples (float32 in [-1, 1], with labels); with ``--eval=NAME`` it also prints m
 the samples (e.g. ``fd_digits``, ``fid``, ``toy``). Each sample is seeded by its index, so
 the same seed gives the same images at any batch size or device count. ``--student=S
 --switch_step=k`` samples the hybrid of diversity distillation: this run's first k steps,
-then the distilled student S.
+then the distilled student S. Flags are checked before the run is restored; a bad one is
+one line on stderr and exit code 2 (``--debug`` shows the traceback).
 """
 
 import json
@@ -14,6 +15,8 @@ import os
 
 import numpy as np
 from absl import app, flags
+
+from jaxdiff.utils import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Workdir of a training run.")
 _SOLVER = flags.DEFINE_string(
@@ -39,14 +42,41 @@ _STUDENT = flags.DEFINE_string(
 _SWITCH = flags.DEFINE_integer("switch_step", 1, "Base-model steps before the student runs.")
 
 
+def _check_flags(out: str) -> None:
+    """Everything that can be checked before JAX starts and the run is restored."""
+    for name, flag, low in (("num", _NUM, 1), ("batch_size", _BATCH, 1), ("seed", _SEED, 0)):
+        if flag.value < low:
+            raise app.UsageError(f"--{name} must be >= {low}, got {flag.value}")
+    for name, flag in (("steps", _STEPS), ("scale", _SCALE)):
+        if flag.value is not None and flag.value < 1:
+            raise app.UsageError(
+                f"--{name} must be >= 1, got {flag.value} (leave it out for the run's own)"
+            )
+    if _SWITCH.value < 0:
+        raise app.UsageError(f"--switch_step must be >= 0, got {_SWITCH.value}")
+    if _EVAL.value is not None and _EVAL.value not in ("fd_digits", "fid", "toy"):
+        raise app.UsageError(f"--eval must be fd_digits, fid or toy, got {_EVAL.value!r}")
+    if _EVAL.value == "fid" and not _FID_STATS.value:
+        raise app.UsageError("--eval=fid needs --fid_stats=<reference .npz with mu and sigma>")
+    for name, flag in (("fid_stats", _FID_STATS), ("inception_weights", _WEIGHTS)):
+        if flag.value and not os.path.isfile(flag.value):
+            raise app.UsageError(f"--{name}={flag.value} does not exist")
+    if not out.lower().endswith(".png") or os.path.isdir(out):
+        raise app.UsageError(f"--out must be a .png file path, got {out!r}")
+    parent = os.path.dirname(os.path.abspath(out))
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise app.UsageError(f"--out={out}: cannot write into {existing}")
+
+
 def main(argv):
     """Runs the command; ``argv`` holds no positional arguments."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _NUM.value < 1 or _BATCH.value < 1:
-        raise app.UsageError(
-            f"--num and --batch_size must be >= 1, got {_NUM.value} and {_BATCH.value}"
-        )
+    out = _OUT.value or os.path.join(_WORKDIR.value, "samples", "grid.png")
+    _check_flags(out)
     from jaxdiff import experiment as ex
     from jaxdiff.parallel import make_mesh
     from jaxdiff.utils.images import save_image_grid
@@ -54,6 +84,10 @@ def main(argv):
     from jaxdiff.utils.plots import render_points
 
     quiet_library_logs()
+    if _SOLVER.value is not None:
+        ex.build_solver(_SOLVER.value)
+    if _GUIDANCE.value is not None:
+        ex.check_guidance_spec(_GUIDANCE.value)
     mesh = make_mesh()
     run = ex.load_run(_WORKDIR.value, ema=None if _EMA.value == "none" else _EMA.value, mesh=mesh)
     spec = ex.resolve_sampler(
@@ -89,7 +123,6 @@ def main(argv):
         samples, nfe = ex.generate_samples(run, spec, **common)
     if metrics is not None:
         print(json.dumps({"eval": _EVAL.value, "num": _NUM.value, "nfe": nfe, **metrics}))
-    out = _OUT.value or os.path.join(_WORKDIR.value, "samples", "grid.png")
     grid = render_points(samples)[None] if samples.ndim == 2 else samples[:400]
     save_image_grid(out, grid, scale=_SCALE.value or run.config.sample.grid_scale)
     np.savez(os.path.splitext(out)[0] + ".npz", samples=samples, labels=labels)
@@ -97,4 +130,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -185,14 +185,14 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, caplog):
     assert any(str(tmp_path / "2") in m and "could not restore" in m for m in warnings)
     assert (tmp_path / "2" / "state").is_dir()  # kept for inspection
 
-    # Reaching step 2 again must not overwrite the unreadable directory.
+    # Reaching step 2 again must not overwrite the unreadable directory, nor skip the save
+    # silently: it is an error naming the entry (a writer moves it aside first, below).
     before = sorted((p.relative_to(tmp_path), p.stat().st_size) for p in tmp_path.rglob("*"))
-    with caplog.at_level(logging.WARNING, logger="jaxdiff.training.checkpoint"):
-        assert not ckpt.save(2, old)
+    with pytest.raises(FileExistsError, match=str(tmp_path / "2")):
+        ckpt.save(2, old)
     ckpt.wait_until_finished()
     after = sorted((p.relative_to(tmp_path), p.stat().st_size) for p in tmp_path.rglob("*"))
     assert before == after
-    assert any("already exists" in r.getMessage() for r in caplog.records)
     ckpt.close()
 
 
@@ -246,3 +246,107 @@ def test_relative_directory_is_made_absolute(tmp_path, monkeypatch):
     ckpt = Checkpointer("rel")
     assert ckpt.directory == os.path.join(str(tmp_path), "rel")
     ckpt.close()
+
+
+def _garble_same_size(path: pathlib.Path, at: int = 0, length: int = 4096):
+    """Flips bytes in place: same size, so only a checksum can notice."""
+    data = bytearray(path.read_bytes())
+    assert data, path
+    start = min(at, len(data) - 1)
+    for i in range(start, min(start + length, len(data))):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _step_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and "checksums" not in p.name)
+
+
+def test_each_file_kind_garbled_in_place_falls_back_with_a_warning(tmp_path, caplog):
+    # One save of two steps; then, for every kind of file in the newest step (array data,
+    # ocdbt manifest, sharding and JSON metadata, orbax's markers), a same-size garbling
+    # must make restore fall back to step 1 and name the garbled file.
+    old, new = _make_state(0), _make_state(1)
+    with Checkpointer(tmp_path / "src") as ckpt:
+        ckpt.save(1, old, data_state={"i": 1})
+        ckpt.save(2, new, data_state={"i": 2})
+    kinds = {}
+    for p in _step_files(tmp_path / "src" / "2"):
+        kind = "array data" if p.parent.name == "d" else p.name
+        kinds.setdefault(kind, p.relative_to(tmp_path / "src"))
+    assert "array data" in kinds and len(kinds) >= 5, kinds
+    for kind, rel in kinds.items():
+        work = tmp_path / kind.replace(" ", "_")
+        import shutil
+
+        shutil.copytree(tmp_path / "src", work)
+        _garble_same_size(work / rel)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="jaxdiff.training.checkpoint"):
+            with Checkpointer(work) as ckpt:
+                restored, data_state, step = ckpt.restore(_abstract(old))
+                assert ckpt.last_restore.verified and ckpt.last_restore.skipped == (2,)
+        assert step == 1 and data_state == {"i": 1}, kind
+        _assert_identical(restored, old)
+        assert any(str(work / rel) in r.getMessage() for r in caplog.records), kind
+
+
+def test_all_steps_corrupt_is_one_clear_error_and_nothing_moves(tmp_path):
+    state = _make_state()
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state)
+        ckpt.save(2, state)
+    for step in (1, 2):
+        data = [p for p in _step_files(tmp_path / str(step)) if p.parent.name == "d"]
+        _garble_same_size(data[0])
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with Checkpointer(tmp_path, quarantine=True) as ckpt:
+        expected = r"(?s)none of the 2 checkpoints.*nothing there was changed.*SHA-256"
+        with pytest.raises(RuntimeError, match=expected):
+            ckpt.restore(_abstract(state))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_writer_moves_corrupt_steps_aside_so_they_hold_no_kept_slot(tmp_path):
+    state = _make_state()
+    with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+        ckpt.save(1, state)
+        ckpt.save(2, state)
+    data = [p for p in _step_files(tmp_path / "2") if p.parent.name == "d"]
+    _garble_same_size(data[0])
+    with Checkpointer(tmp_path, max_to_keep=2, quarantine=True) as ckpt:
+        _, _, step = ckpt.restore(_abstract(state))
+        assert step == 1 and ckpt.all_steps() == [1]
+        moved = list((tmp_path / "corrupt").iterdir())
+        assert len(moved) == 1 and moved[0].name.startswith("2-")
+        ckpt.save(2, state)  # the step number is free again
+        ckpt.save(3, state)
+    assert Checkpointer(tmp_path).all_steps() == [2, 3]
+
+
+def test_non_finite_arrays_and_missing_manifest(tmp_path, caplog):
+    # A step written without a manifest (older version, or killed right after saving)
+    # restores as unverified; one whose arrays are NaN is skipped like a corrupt one.
+    good, bad = _make_state(0), jax.tree.map(lambda a: a * jnp.nan, _make_state(1))
+    with Checkpointer(tmp_path, verify=False) as ckpt:
+        ckpt.save(1, good)
+        ckpt.save(2, bad)
+    assert not list(tmp_path.rglob("jaxdiff_checksums.json"))
+    with caplog.at_level(logging.WARNING, logger="jaxdiff.training.checkpoint"):
+        with Checkpointer(tmp_path) as ckpt:
+            restored, _, step = ckpt.restore(_abstract(good))
+            info = ckpt.last_restore
+    assert step == 1 and not info.verified and "NOT verified" in info.describe()
+    _assert_identical(restored, good)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "NaN or inf" in messages and "no checksum manifest" in messages
+
+
+def test_a_numbered_entry_that_would_block_a_save_is_named(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, _make_state())
+        (tmp_path / "99999").mkdir()  # e.g. a stray copy of another run's step
+        with pytest.raises(FileExistsError, match="99999.*would block saving steps after 1"):
+            ckpt.check_can_save(1)
+        with pytest.raises(FileExistsError, match="99999"):
+            ckpt.save(2, _make_state())

@@ -3,7 +3,9 @@
 This file is intentionally short; the runs live in :mod:`jaxdiff.experiment`, so
 notebooks can call ``train_and_evaluate(config, workdir)`` directly. ``config.method``
 picks the run: diffusion training (default), ``"distill"`` or ``"classifier"``. With no
-flags it trains the class-conditional digits model into ``runs/digits``.
+flags it trains the class-conditional digits model into ``runs/digits``. A bad flag,
+config value or workdir is one line on stderr and exit code 2 (``--debug`` shows the
+traceback).
 """
 
 import logging
@@ -12,8 +14,17 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxdiff.utils import cli
+
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "digits.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Experiment config file.")
+try:
+    _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Experiment config file.")
+except (AttributeError, KeyError) as err:  # an override names a key the config lacks
+    if cli.debug_requested():
+        raise
+    text = str(err.args[0] if err.args else err).replace("\\n", " ").replace("\\'", "'")
+    key, _, hint = text.lstrip("'").partition("'")
+    cli.fail(f"unknown config key {key!r}:{hint.rstrip(chr(39))}")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Checkpoints, metrics and samples.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for multi-process runs off TPU/SLURM."
@@ -48,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -32,6 +32,7 @@ from jaxdiff.experiment.sampling import (
     SamplerSpec,
     build_guidance,
     build_solver,
+    check_guidance_spec,
     parse_labels,
     resolve_sampler,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "build_experiment",
     "build_guidance",
     "build_solver",
+    "check_guidance_spec",
     "distill_and_evaluate",
     "generate_fn",
     "generate_samples",

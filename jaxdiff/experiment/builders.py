@@ -6,6 +6,9 @@ Every ``config.model`` / ``config.formulation`` / ``config.optim`` / ``config.me
 
 from __future__ import annotations
 
+import contextlib
+import os
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -19,6 +22,8 @@ from jaxdiff.diffusion import Formulation, get_formulation
 from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.models import create_model
 from jaxdiff.parallel import batch_size_per_device_check, make_mesh
+from jaxdiff.training.checkpoint import Checkpointer
+from jaxdiff.training.lock import WorkdirLock
 from jaxdiff.training.optim import make_optimizer
 
 RUN_KEY = "_run"
@@ -53,19 +58,41 @@ def build_mesh(config: ml_collections.ConfigDict) -> Mesh:
     return mesh
 
 
+def _require(ok: bool, key: str, value: Any, want: str) -> None:
+    if not ok:
+        raise InvalidArgumentError(
+            f"config.{key} must be {want}, got {value!r}: pass --config.{key}=VALUE with a "
+            f"value that is {want}"
+        )
+
+
 def check_loop_config(config: ml_collections.ConfigDict) -> None:
-    """Validates the ``config.train`` values every loop needs.
+    """Validates every ``config.train`` / ``config.sample`` / ``config.eval`` value a run uses.
+
+    Runs before anything is built or restored, so a bad value never costs work.
 
     Raises:
         InvalidArgumentError: naming the key, its value and the fix.
     """
     tc = config.train
     for name in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
-        if tc[name] < 1:
-            raise InvalidArgumentError(
-                f"config.train.{name} must be >= 1, got {tc[name]}: set "
-                f"--config.train.{name}=N with N >= 1"
-            )
+        _require(tc[name] >= 1, f"train.{name}", tc[name], ">= 1")
+    dropout = tc.get("label_dropout", 0.0)
+    _require(0.0 <= dropout <= 1.0, "train.label_dropout", dropout, "a probability in [0, 1]")
+    _require(tc.get("sample_every", 0) >= 0, "train.sample_every", tc.get("sample_every"), ">= 0")
+    for rate in tc.ema_rates:
+        _require(0.0 <= rate < 1.0, "train.ema_rates", tuple(tc.ema_rates), "rates in [0, 1)")
+    sc = config.sample
+    _require(sc.grid_size >= 0, "sample.grid_size", sc.grid_size, ">= 0 (0 = no grid)")
+    _require(sc.grid_scale >= 1, "sample.grid_scale", sc.grid_scale, ">= 1")
+    ec = config.get("eval")
+    if ec is not None and ec.name:
+        from jaxdiff.metrics import EVALUATORS
+
+        _require(ec.name in EVALUATORS, "eval.name", ec.name, f"one of {list(EVALUATORS)}")
+        _require(ec.every >= 0, "eval.every", ec.every, ">= 0")
+        _require(ec.num >= 2, "eval.num", ec.num, ">= 2")
+        _require(ec.batch_size >= 1, "eval.batch_size", ec.batch_size, ">= 1")
 
 
 def build_data(
@@ -99,6 +126,45 @@ def build_data(
     return source, data, (source.info.num_classes or 0) if conditional else 0
 
 
+def lock_workdir(workdir: str | os.PathLike) -> contextlib.AbstractContextManager:
+    """The writer's lock on ``workdir`` (process 0 holds it for a multi-process job).
+
+    Creates the workdir. Enter the returned context before restoring anything.
+
+    Raises:
+        InvalidArgumentError: if ``workdir`` is a file or cannot be created or written.
+    """
+    path = os.fspath(workdir)
+    if "://" not in path:
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            probe = Path(path) / f".jaxdiff.write-test.{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise InvalidArgumentError(
+                f"--workdir={path} cannot be used as a run directory ({type(e).__name__}: "
+                f"{e.strerror or e}): pass a writable directory path"
+            ) from e
+    return WorkdirLock(path) if jax.process_index() == 0 else contextlib.nullcontext()
+
+
+def check_resume(ckpt: Checkpointer, start: int, num_steps: int) -> None:
+    """Checks, before the first step, that a resumed run can go on and save.
+
+    Raises:
+        InvalidArgumentError: if ``num_steps`` is below the restored step.
+        FileExistsError: if an entry in the checkpoint directory would block later saves.
+    """
+    if start > num_steps:
+        raise InvalidArgumentError(
+            f"config.train.num_steps={num_steps} is below step {start}, restored from "
+            f"{ckpt.directory}: pass --config.train.num_steps=N with N > {start} to train "
+            "on, or use another --workdir"
+        )
+    ckpt.check_can_save(start)
+
+
 def run_metadata(num_classes: int, sample_shape: tuple[int, ...]) -> dict[str, Any]:
     """What sampling needs to rebuild the model without opening the dataset."""
     return {"num_classes": int(num_classes), "sample_shape": [int(d) for d in sample_shape]}
@@ -112,5 +178,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "check_loop_config",
+    "check_resume",
+    "lock_workdir",
     "run_metadata",
 ]

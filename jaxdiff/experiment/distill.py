@@ -19,6 +19,7 @@ and NaN stop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,15 @@ from jaxdiff.experiment.builders import (
     build_mesh,
     build_optimizer,
     check_loop_config,
+    check_resume,
+    lock_workdir,
     run_metadata,
 )
 from jaxdiff.experiment.runs import load_run
 from jaxdiff.parallel import global_batch, is_main_process
 from jaxdiff.training.checkpoint import Checkpointer
 from jaxdiff.training.loop import Hook, run_loop
+from jaxdiff.training.state import abstract_state
 from jaxdiff.training.writers import create_default_writer
 from jaxdiff.utils.images import save_image_grid
 from jaxdiff.utils.rng import per_sample_keys, start_noise
@@ -179,31 +183,15 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path)
             teacher_params, teacher_params, nets.init_pool(key), txs, cfg, tuple(tc.ema_rates)
         )
 
-    abstract = jax.eval_shape(init_fn, jax.random.key(0))
-    shardings = distill_state_shardings(abstract, p_shard, txs, mesh)
+    shardings = distill_state_shardings(
+        jax.eval_shape(init_fn, jax.random.key(0)), p_shard, txs, mesh
+    )
     workdir = Path(workdir)
     hooks = [_grid_hook(config, teacher, nets, cfg, workdir)]
-    workdir.mkdir(parents=True, exist_ok=True)
-    full_ckpt = Checkpointer(workdir / "distill_state", max_to_keep=tc.keep_checkpoints)
-    student_ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=tc.keep_checkpoints)
-    if full_ckpt.latest_step() is None:
-        state = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(config.seed + 7))
-        start = 0
-    else:
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
-        state, data_state, start = full_ckpt.restore(target)
-        if data_state is not None:
-            data.set_state(data_state)
-        log.info("resumed distillation from step %d in %s", start, workdir)
     gen_step, critic_step = jit_steps(make_steps(nets, cfg, txs), shardings, p_shard, mesh)
     saved = student_config(
         config, teacher.config, run_metadata(teacher.num_classes, teacher.sample_shape)
     )
-    writer = create_default_writer(workdir, just_logging=not is_main_process())
-    if start == 0:
-        writer.write_hparams(config.to_dict())
     key = jax.random.key(config.seed)
 
     def step_fn(state, step):
@@ -217,11 +205,26 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path)
         update = gen_step if is_generator_step(step - 1, d.critic_steps) else critic_step
         return update(state, teacher_params, batch, key, num_active)
 
-    def save(step, state):
-        full_ckpt.save(step, state, data_state=data.get_state(), config=saved)
-        student_ckpt.save(step, state.gen, config=saved)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(lock_workdir(workdir))
+        keep = tc.keep_checkpoints
+        full_ckpt, student_ckpt = (
+            stack.enter_context(Checkpointer(workdir / name, max_to_keep=keep, quarantine=True))
+            for name in ("distill_state", "checkpoints")
+        )
+        state, start = _init_or_restore(full_ckpt, init_fn, shardings, data, config.seed)
+        for ckpt in (full_ckpt, student_ckpt):
+            check_resume(ckpt, start, tc.num_steps)
+        writer = create_default_writer(workdir, just_logging=not is_main_process())
+        stack.callback(writer.close)
+        stack.callback(writer.flush)
+        if start == 0:
+            writer.write_hparams(config.to_dict())
 
-    try:
+        def save(step, state):
+            full_ckpt.save(step, state, data_state=data.get_state(), config=saved)
+            student_ckpt.save(step, state.gen, config=saved)
+
         return run_loop(
             state,
             step_fn,
@@ -236,11 +239,17 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path)
             examples_per_step=tc.batch_size,
             progress_metric="gen_loss",
         )
-    finally:
-        full_ckpt.close()
-        student_ckpt.close()
-        writer.flush()
-        writer.close()
+
+
+def _init_or_restore(ckpt: Checkpointer, init_fn, shardings, data, seed: int):
+    """The whole DistillState from ``ckpt`` (and the data position), or a fresh one."""
+    if ckpt.latest_step() is None:
+        return jax.jit(init_fn, out_shardings=shardings)(jax.random.key(seed + 7)), 0
+    state, data_state, start = ckpt.restore(abstract_state(init_fn, shardings))
+    if data_state is not None:
+        data.set_state(data_state)
+    log.info("resumed distillation from %s in %s", ckpt.last_restore.describe(), ckpt.directory)
+    return state, start
 
 
 __all__ = ["distill_and_evaluate", "fdistill_config", "student_config"]

@@ -10,6 +10,7 @@ reachable the same way from the command line, from ``config.sample`` and in trai
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -102,6 +103,57 @@ def _classifier_fns(path: str | None) -> dict[str, Any]:
     return fns
 
 
+def check_guidance_spec(spec: str) -> tuple[str, dict[str, str], set[str]]:
+    """Validates a guidance string without loading anything, so bad input fails at once.
+
+    Checks the method name, its keys and value ranges (by building it with stand-in
+    callables), that ``guide=`` is given where needed and names a run with checkpoints,
+    and that a ``classifier=`` file exists.
+
+    Returns:
+        ``(spec without the loader keys, the loader keys, the resources it needs)``.
+
+    Raises:
+        InvalidArgumentError: naming the bad part of ``spec`` and the fix.
+    """
+    rest, keys = _pop_keys(spec, GUIDE_KEYS)
+    name = rest.partition(":")[0].strip().lower()
+    needs = set(REQUIRES.get(name, ()))
+    uses_classifier = bool({"log_prob_fn", "logits_fn"} & needs)
+    used = ({"guide", "guide_ema"} if "guide_denoise" in needs else set()) | (
+        {"classifier"} if uses_classifier else set()
+    )
+    stray = sorted(set(keys) - used)
+    if stray:
+        raise InvalidArgumentError(
+            f"{spec!r}: {name} takes no {', '.join(k + '=' for k in stray)} argument: remove it"
+        )
+    if "guide_denoise" in needs and "guide" not in keys:
+        raise InvalidArgumentError(
+            f"{spec!r}: autoguidance needs the guiding run, e.g. "
+            "'autoguidance:2.0,guide=runs/digits_small'"
+        )
+    guide = keys.get("guide")
+    if (
+        guide is not None
+        and "://" not in guide
+        and not os.path.isdir(os.path.join(guide, "checkpoints"))
+    ):
+        raise InvalidArgumentError(
+            f"{spec!r}: guide={guide} holds no checkpoints/: pass the workdir of a trained run"
+        )
+    path = keys.get("classifier")
+    if path is not None and not os.path.isfile(path):
+        raise InvalidArgumentError(f"{spec!r}: classifier file {path} does not exist")
+    parse_guidance(rest, **{r: _stand_in for r in needs})  # names, keys and value ranges
+    return rest, keys, needs
+
+
+def _stand_in(*args: Any, **kwargs: Any) -> None:
+    """A callable that is never called: lets a spec be range-checked before loading."""
+    raise AssertionError("a stand-in resource was called")
+
+
 def build_guidance(spec: str | None) -> Guidance | None:
     """Builds any guidance from its text form, loading what it needs from disk.
 
@@ -121,32 +173,16 @@ def build_guidance(spec: str | None) -> Guidance | None:
     """
     if spec is None or spec.strip().lower() in ("", "none"):
         return None
-    rest, keys = _pop_keys(spec, GUIDE_KEYS)
-    name = rest.partition(":")[0].strip().lower()
-    needs = set(REQUIRES.get(name, ()))
-    uses_classifier = bool({"log_prob_fn", "logits_fn"} & needs)
-    used = ({"guide", "guide_ema"} if "guide_denoise" in needs else set()) | (
-        {"classifier"} if uses_classifier else set()
-    )
-    stray = sorted(set(keys) - used)
-    if stray:
-        raise InvalidArgumentError(
-            f"{spec!r}: {name} takes no {', '.join(k + '=' for k in stray)} argument: remove it"
-        )
+    rest, keys, needs = check_guidance_spec(spec)
     resources: dict[str, Any] = {}
     if "guide_denoise" in needs:
-        if "guide" not in keys:
-            raise InvalidArgumentError(
-                f"{spec!r}: autoguidance needs the guiding run, e.g. "
-                "'autoguidance:2.0,guide=runs/digits_small'"
-            )
         from jaxdiff.experiment.runs import load_run
         from jaxdiff.generate import model_denoiser
 
         ema = keys.get("guide_ema", "default")
         bad = load_run(keys["guide"], ema=None if ema == "none" else ema)
         resources["guide_denoise"] = model_denoiser(bad.model, bad.formulation, bad.params)
-    if uses_classifier:
+    if {"log_prob_fn", "logits_fn"} & needs:
         resources.update(_classifier_fns(keys.get("classifier")))
         if "log_prob_fn" in needs and "log_prob_fn" not in resources:
             raise InvalidArgumentError(

@@ -9,6 +9,7 @@ first step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator
@@ -31,6 +32,8 @@ from jaxdiff.experiment.builders import (
     build_model,
     build_optimizer,
     check_loop_config,
+    check_resume,
+    lock_workdir,
     run_metadata,
 )
 from jaxdiff.experiment.evaluate import make_eval_hook
@@ -148,7 +151,7 @@ def init_state(exp: Experiment, ckpt: Checkpointer) -> tuple[TrainState, int]:
     state, data_state, step = ckpt.restore(abstract_state(exp.init_fn, exp.state_shardings))
     if data_state is not None:
         exp.data.set_state(data_state)
-    log.info("resumed from step %d in %s", step, ckpt.directory)
+    log.info("resumed from %s in %s", ckpt.last_restore.describe(), ckpt.directory)
     return state, step
 
 
@@ -217,35 +220,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         make_eval_hook(config, exp.view, exp.sampler, params_of),
     ]
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=tc.keep_checkpoints)
-    state, start = init_state(exp, ckpt)
-    writer = create_default_writer(workdir, just_logging=not is_main_process())
-    if start == 0:
-        writer.write_hparams(config.to_dict())
-    train_step = jit_train_step(
-        make_train_step(
-            exp.model,
-            exp.formulation,
-            exp.tx,
-            num_classes=exp.num_classes,
-            label_dropout=tc.label_dropout,
-            ema_warmup=tc.ema_warmup,
-        ),
-        exp.state_shardings,
-        exp.mesh,
-    )
-    key = jax.random.key(config.seed)
-    saved_config = {**config.to_dict(), RUN_KEY: run_metadata(exp.num_classes, exp.sample_shape)}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(lock_workdir(workdir))
+        ckpt = stack.enter_context(
+            Checkpointer(workdir / "checkpoints", max_to_keep=tc.keep_checkpoints, quarantine=True)
+        )
+        state, start = init_state(exp, ckpt)
+        check_resume(ckpt, start, tc.num_steps)
+        writer = create_default_writer(workdir, just_logging=not is_main_process())
+        stack.callback(writer.close)
+        stack.callback(writer.flush)
+        if start == 0:
+            writer.write_hparams(config.to_dict())
+        train_step = jit_train_step(
+            make_train_step(
+                exp.model,
+                exp.formulation,
+                exp.tx,
+                num_classes=exp.num_classes,
+                label_dropout=tc.label_dropout,
+                ema_warmup=tc.ema_warmup,
+            ),
+            exp.state_shardings,
+            exp.mesh,
+        )
+        key = jax.random.key(config.seed)
+        meta = run_metadata(exp.num_classes, exp.sample_shape)
+        saved_config = {**config.to_dict(), RUN_KEY: meta}
 
-    def step_fn(state, step):
-        del step  # the step's randomness comes from state.step inside the train step
-        return train_step(state, global_batch(exp.to_model_batch(next(exp.data)), exp.mesh), key)
+        def step_fn(state, step):
+            del step  # the step's randomness comes from state.step inside the train step
+            batch = global_batch(exp.to_model_batch(next(exp.data)), exp.mesh)
+            return train_step(state, batch, key)
 
-    def save(step, state):
-        ckpt.save(step, state, data_state=exp.data.get_state(), config=saved_config)
+        def save(step, state):
+            ckpt.save(step, state, data_state=exp.data.get_state(), config=saved_config)
 
-    try:
         return run_loop(
             state,
             step_fn,
@@ -259,10 +269,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             hooks=[h for h in hooks if h is not None],
             examples_per_step=tc.batch_size,
         )
-    finally:
-        ckpt.close()
-        writer.flush()
-        writer.close()
 
 
 __all__ = [

@@ -9,9 +9,13 @@ Each step directory ``<directory>/<step>/`` holds three items:
 
 Orbax writes each step into a temporary directory and renames it when complete, so a
 crash mid-save leaves a ``<step>.orbax-checkpoint-tmp-*`` directory that is never
-listed as a step. A finalized step can still be unreadable (a truncated file, a
-half-synced copy); :meth:`Checkpointer.restore` then warns and falls back to the
-previous step. Unreadable steps are never deleted or overwritten by this module.
+listed as a step. A finalized step can still be unreadable or corrupt (a truncated
+file, a half-synced copy, bytes garbled in place): every step carries a SHA-256 manifest
+(:mod:`jaxdiff.training.integrity`) and restored arrays must be finite, and
+:meth:`Checkpointer.restore` warns and falls back to the previous step when a step fails.
+Existing steps are never overwritten; a writer (``quarantine=True``) moves unreadable
+steps aside to ``<directory>/corrupt/`` once it has restored an older one, so they
+neither occupy a kept slot nor block the next saves.
 
 Every process calls :meth:`Checkpointer.save` and :meth:`Checkpointer.restore`; orbax
 decides who writes what. The ``data`` and ``config`` items are written once (by the
@@ -21,19 +25,51 @@ for grain iterators that consume the same number of batches on every host.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from jaxdiff.training.integrity import (
+    CheckpointCorruptError,
+    check_finite,
+    verify_manifest,
+    write_manifest,
+)
 
 PyTree = Any
 
 logger = logging.getLogger(__name__)
 
 _STATE, _DATA, _CONFIG = "state", "data", "config"
+QUARANTINE = "corrupt"
+"""Subdirectory that unreadable steps are moved to (never listed as a step, never kept)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreInfo:
+    """Which step a restore used and whether its checksums were verified.
+
+    Attributes:
+        step: the restored step.
+        verified: True if every file matched the step's checksum manifest; False for a
+            step written without one (its arrays were still checked to be finite).
+        skipped: the newer steps that were unreadable or corrupt, newest first.
+    """
+
+    step: int
+    verified: bool
+    skipped: tuple[int, ...] = ()
+
+    def describe(self) -> str:
+        """E.g. ``"step 400 (integrity verified)"``."""
+        return f"step {self.step} (integrity {'verified' if self.verified else 'NOT verified'})"
 
 
 def _normalize_directory(directory: str | os.PathLike) -> str:
@@ -89,7 +125,13 @@ class Checkpointer:
     """
 
     def __init__(
-        self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int = 3,
+        async_save: bool = True,
+        verify: bool = True,
+        quarantine: bool = False,
     ):
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
@@ -100,6 +142,25 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._verify, self._quarantine = verify, quarantine
+        self._unsealed: list[int] = []
+        self.last_restore: RestoreInfo | None = None
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _seal(self) -> None:
+        # Checksum every step whose save has finished. Orbax waits for the previous save
+        # before starting a new one anyway, so this adds no extra synchronisation.
+        if not self._unsealed:
+            return
+        self._manager.wait_until_finished()
+        done = set(self._manager.all_steps())
+        if jax.process_index() == 0 and self._verify:
+            for step in self._unsealed:
+                if step in done:
+                    write_manifest(self._step_dir(step))
+        self._unsealed = []
 
     def save(
         self,
@@ -122,25 +183,20 @@ class Checkpointer:
                 newer than the last saved step).
 
         Returns:
-            Whether a save was started. ``False`` if orbax skipped the step or the step
-            directory already exists (a warning names it; it is never overwritten).
+            True (a save was started). After it finishes, the next :meth:`save`,
+            :meth:`wait_until_finished` or :meth:`close` writes its checksum manifest.
 
         Raises:
             TypeError: if ``data_state`` or ``config`` is not JSON-serialisable.
+            FileExistsError: if anything already occupies ``<directory>/<step>`` or a
+                newer step exists (an existing step is never overwritten, and orbax
+                would silently skip the save); the message names the entry.
         """
         step = int(step)
         _check_json("data_state", data_state)
         _check_json("config", config)
-        if step in self.all_steps():
-            # Typically a step that restore() skipped as unreadable, then reached again
-            # after the fallback. Orbax would raise; we keep the old files for inspection.
-            logger.warning(
-                "not saving step %d: %s already exists and is never overwritten; "
-                "move it away by hand to save this step again",
-                step,
-                os.path.join(self.directory, str(step)),
-            )
-            return False
+        self._seal()
+        self.check_can_save(step - 1)
         args = ocp.args.Composite(
             **{
                 _STATE: ocp.args.StandardSave(state),
@@ -148,7 +204,37 @@ class Checkpointer:
                 _CONFIG: ocp.args.JsonSave(config),
             }
         )
-        return bool(self._manager.save(step, args=args, force=force))
+        if not self._manager.save(step, args=args, force=force):
+            raise FileExistsError(
+                f"orbax declined to save step {step} in {self.directory} (steps there: "
+                f"{self.all_steps()}): move the newer steps away, or use another workdir"
+            )
+        self._unsealed.append(step)
+        return True
+
+    def check_can_save(self, after: int) -> None:
+        """Raises if an entry in the directory would block saving the steps after ``after``.
+
+        A numbered file or directory above ``after`` (a stray copy, a step of another run)
+        would make orbax skip or fail later saves, so a run checks this before its first
+        step.
+
+        Raises:
+            FileExistsError: naming the blocking entries and how to clear them.
+        """
+        root = epath.Path(self.directory)
+        if not root.exists():
+            return
+        blocking = sorted(
+            (p for p in root.iterdir() if p.name.isdigit() and int(p.name) > after),
+            key=lambda p: int(p.name),
+        )
+        if blocking:
+            names = ", ".join(os.fspath(p) for p in blocking)
+            raise FileExistsError(
+                f"{names} would block saving steps after {after} (existing steps are never "
+                f"overwritten): move them out of {self.directory}, or use another workdir"
+            )
 
     def latest_step(self) -> int | None:
         """The newest finalized step on disk (possibly unreadable), or ``None``."""
@@ -158,11 +244,15 @@ class Checkpointer:
         """All finalized steps on disk, oldest first (in-progress saves excluded)."""
         return sorted(self._manager.all_steps())
 
+    def _verified(self, step: int) -> bool:
+        return verify_manifest(self._step_dir(step)) if self._verify else False
+
     def _restore_step(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict | None]:
         args = ocp.args.Composite(
             **{_STATE: ocp.args.StandardRestore(abstract_state), _DATA: ocp.args.JsonRestore()}
         )
         restored = self._manager.restore(step, args=args)
+        check_finite(restored[_STATE], self._step_dir(step))
         return restored[_STATE], restored[_DATA]
 
     def _restore_subtree_step(self, step: int, item: PyTree) -> PyTree:
@@ -171,7 +261,9 @@ class Checkpointer:
 
         restore_args = jax.tree.map(arg, item)
         args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-        return self._manager.restore(step, args=ocp.args.Composite(**{_STATE: args}))[_STATE]
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{_STATE: args}))[_STATE]
+        check_finite(restored, self._step_dir(step))
+        return restored
 
     def restore(
         self, abstract_state: PyTree, step: int | None = None
@@ -231,8 +323,14 @@ class Checkpointer:
     def _first_readable(self, restore_fn, step: int | None):
         # Finish our own pending saves, then pick up steps written since construction
         # (e.g. by another Checkpointer on the same directory).
+        self._seal()
         self._manager.wait_until_finished()
         self._manager.reload()
+
+        def checked(candidate):
+            verified = self._verified(candidate)  # before trusting any byte of it
+            return restore_fn(candidate), verified
+
         steps = self.all_steps()
         if not steps:
             raise FileNotFoundError(
@@ -247,32 +345,56 @@ class Checkpointer:
                     f"no checkpoint for step {step} in {self.directory}; available steps: {steps}"
                 )
             try:
-                return restore_fn(step), step
+                restored, verified = checked(step)
             except Exception as e:
                 path = os.path.join(self.directory, str(step))
                 raise RuntimeError(f"could not restore checkpoint {path}: {e}") from e
+            self._record(RestoreInfo(step, verified))
+            return restored, step
 
-        errors = []
+        errors, skipped = [], []
         for candidate in reversed(steps):
             path = os.path.join(self.directory, str(candidate))
             try:
-                restored = restore_fn(candidate)
+                restored, verified = checked(candidate)
             except Exception as e:  # Any failure means "unreadable": try an older step.
                 logger.warning(
-                    "could not restore checkpoint %s (%s: %s); trying the previous step. "
-                    "The directory is left untouched for inspection.",
+                    "could not restore checkpoint %s (%s: %s); trying the previous step",
                     path,
                     type(e).__name__,
                     e,
                 )
                 errors.append(f"{path}: {type(e).__name__}: {e}")
+                skipped.append(candidate)
                 continue
+            self._record(RestoreInfo(candidate, verified, tuple(skipped)))
             return restored, candidate
-        raise RuntimeError(
-            f"none of the {len(steps)} checkpoints in {self.directory} could be restored "
-            "(does abstract_state match the saved state's structure, shapes and dtypes?). "
-            "Errors, newest first:\n" + "\n".join(errors)
+        # Nothing readable: keep every step where it is, for inspection.
+        raise CheckpointCorruptError(
+            f"none of the {len(steps)} checkpoints in {self.directory} could be restored and "
+            "nothing there was changed. Errors, newest first:\n" + "\n".join(errors) + "\n"
+            "If the files are corrupt, restore them from a copy or move the directory aside "
+            "to start over; if the state changed shape, the config differs from the run's."
         )
+
+    def _record(self, info: RestoreInfo) -> None:
+        self.last_restore = info
+        if not info.verified and self._verify:
+            logger.warning(
+                "restored %s from %s: it has no checksum manifest (written by an older "
+                "version, or the writer stopped right after saving); its arrays are finite",
+                info.describe(),
+                self.directory,
+            )
+        if self._quarantine and info.skipped and jax.process_index() == 0:
+            # Unreadable newer steps must not occupy kept slots or block the next saves.
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for bad in info.skipped:
+                dest = epath.Path(self.directory) / QUARANTINE / f"{bad}-{stamp}"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                epath.Path(self._step_dir(bad)).rename(dest)
+                logger.warning("moved unreadable step %d aside to %s", bad, dest)
+            self._manager.reload()
 
     def reached_preemption(self, step: int) -> bool:
         """True once a preemption notice reached this job (orbax's multi-host sync point).
@@ -283,12 +405,13 @@ class Checkpointer:
         return bool(self._manager.reached_preemption(step))
 
     def wait_until_finished(self) -> None:
-        """Blocks until all pending async saves are written and finalized."""
+        """Blocks until all pending async saves are written, finalized and checksummed."""
         self._manager.wait_until_finished()
+        self._seal()
 
     def close(self) -> None:
-        """Waits for pending saves and releases orbax's resources."""
-        self._manager.wait_until_finished()
+        """Waits for pending saves (and their checksums) and releases orbax's resources."""
+        self.wait_until_finished()
         self._manager.close()
 
     def __enter__(self) -> Checkpointer:

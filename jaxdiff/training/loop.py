@@ -89,10 +89,13 @@ def _check_finite(scalars: dict[str, float], step: int, ckpts: Sequence[Checkpoi
     for ckpt in ckpts:
         ckpt.wait_until_finished()
     last = ckpts[0].latest_step() if ckpts else None
+    where = ckpts[0].directory if ckpts else "-"
+    info = ckpts[0].last_restore if ckpts else None
+    origin = f"This run resumed from {info.describe()}. " if info is not None else ""
     raise FloatingPointError(
         f"non-finite metrics at step {step}: {bad}. The run stopped without saving; the "
-        f"last good checkpoint (step {last}) in {ckpts[0].directory if ckpts else '-'} is "
-        "intact. Lower the learning rate or tighten gradient clipping, then rerun to resume."
+        f"last good checkpoint (step {last}) in {where} is intact. {origin}Lower the "
+        "learning rate or tighten gradient clipping, then rerun to resume."
     )
 
 

@@ -1,0 +1,147 @@
+"""Bad input to either CLI: exit code 2, one ``error:`` line naming the value, no
+traceback, and nothing in the workdir changed. One row per case."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny import tiny_config
+
+from jaxdiff.experiment import train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--config.model.ch=8",
+    "--config.model.ch_mult=(1,)",
+    "--config.model.attn_resolutions=()",
+    "--config.model.dropout=0.0",
+    "--config.train.batch_size=16",
+    "--config.optim.warmup_steps=0",
+]
+
+# (id, cli, arguments, text the error line must contain). RUN is the trained workdir,
+# NEW a path that does not exist yet, TMP a scratch directory, FILE an existing file.
+CASES = [
+    ("num-zero", "sample", ["--num=0"], "--num"),
+    ("num-negative", "sample", ["--num=-5"], "-5"),
+    ("batch-zero", "sample", ["--batch_size=0"], "--batch_size"),
+    ("seed-negative", "sample", ["--seed=-1"], "--seed"),
+    ("steps-zero", "sample", ["--steps=0"], "--steps"),
+    ("steps-negative", "sample", ["--steps=-3"], "-3"),
+    ("steps-not-int", "sample", ["--steps=abc"], "abc"),
+    ("scale-zero", "sample", ["--scale=0"], "--scale"),
+    ("switch-negative", "sample", ["--switch_step=-1"], "--switch_step"),
+    ("eval-unknown", "sample", ["--eval=inception_score"], "inception_score"),
+    ("fid-without-stats", "sample", ["--eval=fid"], "--fid_stats"),
+    ("fid-stats-missing", "sample", ["--eval=fid", "--fid_stats=/nonexistent.npz"], "nonexistent"),
+    ("out-is-dir", "sample", ["--out=TMP"], "--out"),
+    ("out-not-png", "sample", ["--out=TMP/grid.jpg"], "grid.jpg"),
+    ("out-under-a-file", "sample", ["--out=FILE/sub/grid.png"], "cannot write"),
+    ("cfg-not-number", "sample", ["--guidance=cfg:abc"], "abc"),
+    ("cfg-nan", "sample", ["--guidance=cfg:nan"], "nan"),
+    ("apg-negative-r", "sample", ["--guidance=apg:r=-1"], "-1"),
+    ("interval-empty", "sample", ["--guidance=interval:2,sigma_lo=5,sigma_hi=1"], "sigma_lo"),
+    ("guidance-unknown", "sample", ["--guidance=nosuch:2"], "nosuch"),
+    ("autoguidance-no-guide", "sample", ["--guidance=autoguidance:2.0"], "guide="),
+    ("guide-missing", "sample", ["--guidance=autoguidance:2,guide=/nonexistent"], "nonexistent"),
+    ("classifier-missing", "sample", ["--guidance=classifier:1,classifier=/no.npz"], "/no.npz"),
+    ("stray-guide-key", "sample", ["--guidance=cfg:2,guide=RUN"], "guide="),
+    ("bad-guidance-key", "sample", ["--guidance=cfg:2,bogus=1"], "bogus"),
+    ("rescale-phi", "sample", ["--guidance=rescale:2,phi=1.5"], "phi"),
+    ("ag-threshold-nan", "sample", ["--guidance=ag:2,threshold=nan"], "threshold"),
+    ("solver-unknown", "sample", ["--solver=rk45"], "rk45"),
+    ("solver-bad-arg", "sample", ["--solver=ddim:eta=-1"], "eta"),
+    ("cfgpp-with-heun", "sample", ["--solver=heun", "--guidance=cfgpp:0.6", "--num=2"], "euler"),
+    ("workdir-without-run", "sample", ["--workdir=NEW"], "no checkpoint"),
+    ("labels-out-of-range", "sample", ["--labels=11", "--num=2"], "11"),
+    ("labels-not-ints", "sample", ["--labels=a,b", "--num=2"], "a,b"),
+    ("ema-not-kept", "sample", ["--ema=0.5"], "0.5"),
+    ("unknown-flag", "sample", ["--unknown_flag=1"], "unknown_flag"),
+    ("positional-arg", "sample", ["extra"], "extra"),
+    ("student-without-run", "sample", ["--student=NEW", "--num=2"], "no checkpoint"),
+    ("unknown-config-key", "train", ["--config.train.num_stepz=3"], "num_stepz"),
+    ("label-dropout", "train", ["--config.train.label_dropout=2.0"], "label_dropout"),
+    ("grid-size-negative", "train", ["--config.sample.grid_size=-1"], "grid_size"),
+    ("config-without-get-config", "train", ["--config=TMP/noget.py"], "get_config"),
+    ("config-missing", "train", ["--config=/nonexistent_cfg.py"], "nonexistent_cfg.py"),
+    ("workdir-is-a-file", "train", ["--workdir=FILE"], "FILE"),
+    ("batch-not-divisible", "train", ["--config.train.batch_size=12"], "batch_size=12"),
+    ("config-guidance", "train", ["--config.sample.guidance=cfg:abc"], "abc"),
+    ("config-guidance-unknown", "train", ["--config.sample.guidance=cfgg:2"], "cfgg"),
+    ("learning-rate", "train", ["--config.optim.learning_rate=-1"], "learning_rate"),
+    ("num-steps-zero", "train", ["--config.train.num_steps=0"], "num_steps"),
+    ("mesh-fsdp", "train", ["--config.mesh.fsdp=3"], "fsdp=3"),
+    ("dataset-unknown", "train", ["--config.data.name=digitz"], "digitz"),
+    ("ema-rate", "train", ["--config.train.ema_rates=(1.5,)"], "ema_rates"),
+    ("eval-name", "train", ["--config.eval.name=is", "--config.eval.every=1"], "eval.name"),
+    ("config-solver", "train", ["--config.sample.solver=rk45"], "rk45"),
+    ("config-steps", "train", ["--config.sample.steps=0"], "steps"),
+    ("resume-below-step", "train", ["--workdir=RUN", *TINY, "--config.train.num_steps=1"], "below"),
+]
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    train_and_evaluate(tiny_config(2, checkpoint_every=2), run)
+    tmp = tmp_path_factory.mktemp("scratch")
+    (tmp / "noget.py").write_text("X = 1\n")
+    (tmp / "a_file").write_text("not a directory\n")
+    return {"RUN": run, "TMP": tmp, "FILE": tmp / "a_file", "NEW": tmp / "new"}
+
+
+def _snapshot(*roots: Path) -> dict:
+    return {
+        str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+        for root in roots
+        for p in ([root] if root.is_file() else sorted(root.rglob("*")))
+        if p.exists()
+    }
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, places):
+    _, cli, args, expected = case
+
+    def fill(text: str) -> str:
+        for name, path in places.items():
+            text = text.replace(name, str(path))
+        return text
+
+    args = [fill(a) for a in args]
+    expected = fill(expected)
+    if cli == "sample" and not any(a.startswith("--workdir") for a in args):
+        args.insert(0, f"--workdir={places['RUN']}")
+    if cli == "train" and not any(a.startswith("--workdir") for a in args):
+        args.insert(0, f"--workdir={places['NEW']}")
+    before = _snapshot(places["RUN"], places["TMP"])
+    res = subprocess.run(
+        [sys.executable, "-m", cli, *args],
+        cwd=ROOT,
+        env={**os.environ, "JAXDIFF_DEBUG": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert len(errors) == 1 and expected in errors[0], res.stderr[-3000:]
+    assert _snapshot(places["RUN"], places["TMP"]) == before  # nothing written or moved
+
+
+def test_debug_shows_the_traceback(places):
+    res = subprocess.run(
+        [sys.executable, "-m", "sample", f"--workdir={places['NEW']}", "--debug"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode != 0 and "Traceback" in res.stderr and "no checkpoint" in res.stderr
+
+
+def test_there_are_at_least_forty_cases():
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
