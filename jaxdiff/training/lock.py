@@ -92,8 +92,7 @@ class WorkdirLock:
             host, pid = holder.get("host"), holder.get("pid")
             if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
                 log.warning(
-                    "stale lock %s: pid %d on %s (started %s) is no longer running; "
-                    "taking it over",
+                    "stale lock %s: pid %d on %s (started %s) is no longer running; taking it over",
                     self.path,
                     pid,
                     host,
