@@ -34,6 +34,22 @@ import pytest  # noqa: E402
 NUM_DEVICES = 8
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A tiny digits run (5 steps, checkpoints at 5), trained once per test process.
+
+    Shared read-only by the CLI, sampling, evaluation and bad-input tests: a test that
+    needs to change a run trains its own.
+    """
+    from tiny import tiny_config
+
+    from jaxdiff.experiment import train_and_evaluate
+
+    workdir = tmp_path_factory.mktemp("trained_run")
+    train_and_evaluate(tiny_config(5), workdir)
+    return workdir
+
+
 def pytest_configure(config):
     """Fail loudly if the forced device count did not take effect."""
     if jax.device_count() != NUM_DEVICES:

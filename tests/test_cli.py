@@ -24,11 +24,9 @@ from jaxdiff.experiment import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    train_and_evaluate(tiny_config(5), workdir)
-    return workdir
+@pytest.fixture
+def trained(trained_run):
+    return trained_run
 
 
 def _cli(*args, timeout=300):

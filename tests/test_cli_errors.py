@@ -7,9 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import tiny_config
-
-from jaxdiff.experiment import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -83,9 +80,8 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def places(tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    train_and_evaluate(tiny_config(2, checkpoint_every=2), run)
+def places(tmp_path_factory, trained_run):
+    run = trained_run
     tmp = tmp_path_factory.mktemp("scratch")
     (tmp / "noget.py").write_text("X = 1\n")
     (tmp / "a_file").write_text("not a directory\n")
@@ -101,6 +97,8 @@ def _snapshot(*roots: Path) -> dict:
     }
 
 
+# One worker runs the whole table (setup.cfg: --dist=loadgroup), next to the other tests.
+@pytest.mark.xdist_group("cli_table")
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, places):
     _, cli, args, expected = case

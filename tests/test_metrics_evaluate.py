@@ -3,7 +3,6 @@
 import jax
 import numpy as np
 import pytest
-from tiny import tiny_config
 
 from jaxdiff.data import get_dataset, ring_gaussian_mixture
 from jaxdiff.experiment import (
@@ -11,7 +10,6 @@ from jaxdiff.experiment import (
     load_run,
     resolve_sampler,
     sample_and_evaluate,
-    train_and_evaluate,
 )
 from jaxdiff.metrics import EVALUATORS, evaluate_samples, get_evaluator
 from jaxdiff.parallel import make_mesh
@@ -20,10 +18,8 @@ NUM, SEED = 24, 3
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    train_and_evaluate(tiny_config(5), workdir)
-    return workdir
+def workdir(trained_run):
+    return trained_run
 
 
 @pytest.fixture(scope="module")

@@ -140,13 +140,17 @@ def _train_cli(workdir, *flags, devices=2, extra_env=None, wait=True):
 
 
 def test_two_processes_equal_one_process_and_resume(tmp_path):
-    def two_procs(steps):
+    # Also a slow-host test: process 1 is frozen with SIGSTOP (no progress, no heartbeats)
+    # for 20 s in the middle of the first run, the kind of stall a loaded or descheduled
+    # host produces. With the default timeouts the job waits for it and finishes.
+    def two_procs(steps, stall=0.0):
         port = _free_port()
         procs = [
             _train_cli(
                 tmp_path / "two",
                 f"--config.train.num_steps={steps}",
                 "--config.train.checkpoint_every=3",
+                "--config.sample.grid_size=0",
                 f"--coordinator_address=localhost:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
@@ -154,12 +158,21 @@ def test_two_processes_equal_one_process_and_resume(tmp_path):
             )
             for i in range(2)
         ]
+        if stall:
+            metrics = tmp_path / "two" / "metrics.jsonl"
+            deadline = time.time() + 300
+            while not (metrics.exists() and metrics.read_text().strip()):
+                assert time.time() < deadline and all(p.poll() is None for p in procs)
+                time.sleep(0.2)
+            os.kill(procs[1].pid, signal.SIGSTOP)
+            time.sleep(stall)
+            os.kill(procs[1].pid, signal.SIGCONT)
         outs = [p.communicate(timeout=400)[0] for p in procs]
         for p, out in zip(procs, outs, strict=True):
             assert p.returncode == 0, out[-3000:]
         return outs
 
-    outs = two_procs(6)
+    outs = two_procs(6, stall=20.0)
     assert "process 0 of 2: 2 local / 4 global devices" in outs[0]
     assert "process 1 of 2: 2 local / 4 global devices" in outs[1]
     # Same global batch (4 devices) in one process: equal losses up to reduction order.
@@ -167,6 +180,7 @@ def test_two_processes_equal_one_process_and_resume(tmp_path):
         tmp_path / "one",
         "--config.train.num_steps=6",
         "--config.train.checkpoint_every=3",
+        "--config.sample.grid_size=0",
         devices=4,
     )
     two, one = _losses(tmp_path / "two"), _losses(tmp_path / "one")
@@ -263,3 +277,19 @@ def test_dit_fsdp_tensor_step_equals_single_device(tmp_path):
     assert exp.model.activation_sharding is not None  # activations pinned between blocks
     _, single = run(dict(num_devices=1))
     np.testing.assert_allclose(sharded, single, rtol=1e-5)
+
+
+def test_timeouts_come_from_flags_then_environment_then_defaults(monkeypatch):
+    from jaxdiff.parallel import Timeouts, initialize_distributed
+
+    monkeypatch.setenv("JAXDIFF_HEARTBEAT_TIMEOUT", "42")
+    t = Timeouts.from_env(shutdown=7)
+    assert (t.init, t.heartbeat, t.shutdown) == (600, 42, 7)
+    with pytest.raises(ValueError, match="heartbeat=0"):
+        Timeouts.from_env(heartbeat=0)
+    seen = {}
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: seen.update(kw))
+    assert initialize_distributed("localhost:1", 2, 0, timeouts=t)
+    assert seen == dict(initialization_timeout=600, heartbeat_timeout_seconds=42,
+                        shutdown_timeout_seconds=7)  # fmt: skip

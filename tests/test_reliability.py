@@ -44,7 +44,7 @@ def _train_cli(workdir, *flags):
 
 
 def test_a_second_trainer_on_a_workdir_exits_2_at_once(tmp_path):
-    steps = ["--config.train.num_steps=30", "--config.train.checkpoint_every=10"]
+    steps = ["--config.train.num_steps=10", "--config.train.checkpoint_every=5"]
     first = _train_cli(tmp_path / "run", *steps)
     lock = tmp_path / "run" / LOCK_NAME
     deadline = time.time() + 300
@@ -61,7 +61,7 @@ def test_a_second_trainer_on_a_workdir_exits_2_at_once(tmp_path):
     assert first.returncode == 0, err[-3000:]
     assert not lock.exists()  # released on exit
     # The first run is bit-identical to a lone run of the same config.
-    config = tiny_config(30, checkpoint_every=10)
+    config = tiny_config(10, checkpoint_every=5)
     train_and_evaluate(config, tmp_path / "lone")
     assert _losses(tmp_path / "run") == _losses(tmp_path / "lone")
     a, b = load_run(tmp_path / "run"), load_run(tmp_path / "lone")

@@ -120,12 +120,11 @@ def test_in_loop_evaluation_writes_metrics(tmp_path):
     )
 
 
-def test_in_loop_evaluation_and_grids_run_with_autoguidance(tmp_path):
+def test_in_loop_evaluation_and_grids_run_with_autoguidance(tmp_path, trained_run):
     # The same guidance string works in config.sample as on the command line, also for
     # methods that load something (here the guiding run of autoguidance).
-    train_and_evaluate(tiny_config(2), tmp_path / "guide")
     config = tiny_config(2)
-    config.sample.guidance = f"autoguidance:2.0,guide={tmp_path / 'guide'}"
+    config.sample.guidance = f"autoguidance:2.0,guide={trained_run}"
     config.sample.grid_size = 4
     config.eval.name, config.eval.every, config.eval.num, config.eval.batch_size = (
         "fd_digits", 2, 16, 16,

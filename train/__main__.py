@@ -31,16 +31,32 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (0-based).")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "init_timeout", None, "Seconds for all processes to connect (default 600)."
+)
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", None, "Seconds of missed heartbeats before the job aborts (default 300)."
+)
+_SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
+    "shutdown_timeout", None, "Seconds to wait for the slowest process at exit (default 900)."
+)
 
 
 def main(argv):
     """Runs the command; ``argv`` holds no positional arguments."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from jaxdiff.parallel import initialize_distributed
+    from jaxdiff.parallel import Timeouts, initialize_distributed
 
+    timeouts = Timeouts.from_env(
+        init=_INIT_TIMEOUT.value,
+        heartbeat=_HEARTBEAT_TIMEOUT.value,
+        shutdown=_SHUTDOWN_TIMEOUT.value,
+    )
     # Before any other JAX call: on TPU pods and SLURM everything is auto-detected.
-    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    initialize_distributed(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, timeouts=timeouts
+    )
     import jax
 
     from jaxdiff.experiment import run_experiment
