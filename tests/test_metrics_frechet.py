@@ -128,3 +128,19 @@ def test_statistics_file_round_trip_and_pytorch_fid_layout(tmp_path):
     np.savez(tmp_path / "bad.npz", m=mu)
     with pytest.raises(KeyError, match="mu"):
         load_statistics(tmp_path / "bad.npz")
+
+
+def test_corrupt_statistics_files_are_named_and_never_used(tmp_path):
+    from jaxdiff.metrics import ChecksumMismatchError
+
+    nan = tmp_path / "nan.npz"
+    np.savez(nan, mu=np.array([0.0, np.nan]), sigma=np.eye(2))
+    with pytest.raises(ChecksumMismatchError, match=r"nan.npz.*'mu' holds NaN"):
+        load_statistics(nan)
+    garbled = tmp_path / "garbled.npz"
+    np.savez(garbled, mu=np.zeros(2), sigma=np.eye(2))
+    data = bytearray(garbled.read_bytes())
+    data[:64] = bytes(64)  # same size, zip header destroyed
+    garbled.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatchError, match="garbled.npz.*unreadable"):
+        load_statistics(garbled)

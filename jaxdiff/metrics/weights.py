@@ -151,10 +151,22 @@ def load_arrays(
 
     Raises:
       FileNotFoundError: If the file does not exist.
-      ChecksumMismatchError: If the digest differs from ``expected_sha256``.
+      ChecksumMismatchError: If the digest differs from ``expected_sha256``, the archive
+        is unreadable, or a floating-point array holds NaN or inf (weights and
+        statistics never do; a file that does is corrupt and is never used).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {os.fspath(path)!r} does not exist")
     verify_sha256(path, expected_sha256, what=what)
-    with np.load(path, allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ChecksumMismatchError(f"{what} {os.fspath(path)!r} is unreadable: {e}") from e
+    for name, array in arrays.items():
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            raise ChecksumMismatchError(
+                f"{what} {os.fspath(path)!r}: array {name!r} holds NaN or inf; the file is "
+                "corrupt: re-create it"
+            )
+    return arrays
