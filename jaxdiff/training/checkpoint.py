@@ -25,7 +25,6 @@ for grain iterators that consume the same number of batches on every host.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from etils import epath
 
 from jaxdiff.training.integrity import (
     CheckpointCorruptError,
+    RestoreInfo,
     check_finite,
     verify_manifest,
     write_manifest,
@@ -50,26 +50,6 @@ logger = logging.getLogger(__name__)
 _STATE, _DATA, _CONFIG = "state", "data", "config"
 QUARANTINE = "corrupt"
 """Subdirectory that unreadable steps are moved to (never listed as a step, never kept)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RestoreInfo:
-    """Which step a restore used and whether its checksums were verified.
-
-    Attributes:
-        step: the restored step.
-        verified: True if every file matched the step's checksum manifest; False for a
-            step written without one (its arrays were still checked to be finite).
-        skipped: the newer steps that were unreadable or corrupt, newest first.
-    """
-
-    step: int
-    verified: bool
-    skipped: tuple[int, ...] = ()
-
-    def describe(self) -> str:
-        """E.g. ``"step 400 (integrity verified)"``."""
-        return f"step {self.step} (integrity {'verified' if self.verified else 'NOT verified'})"
 
 
 def _normalize_directory(directory: str | os.PathLike) -> str:

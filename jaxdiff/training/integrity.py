@@ -15,6 +15,7 @@ still checked to be finite.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -24,6 +25,26 @@ import numpy as np
 from etils import epath
 
 MANIFEST = "jaxdiff_checksums.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreInfo:
+    """Which step a restore used and whether its checksums were verified.
+
+    Attributes:
+        step: the restored step.
+        verified: True if every file matched the step's checksum manifest; False for a
+            step written without one (its arrays were still checked to be finite).
+        skipped: the newer steps that were unreadable or corrupt, newest first.
+    """
+
+    step: int
+    verified: bool
+    skipped: tuple[int, ...] = ()
+
+    def describe(self) -> str:
+        """E.g. ``"step 400 (integrity verified)"``."""
+        return f"step {self.step} (integrity {'verified' if self.verified else 'NOT verified'})"
 
 
 class CheckpointCorruptError(RuntimeError):
@@ -107,6 +128,7 @@ def check_finite(tree: Any, where: str) -> None:
 __all__ = [
     "MANIFEST",
     "CheckpointCorruptError",
+    "RestoreInfo",
     "check_finite",
     "has_manifest",
     "verify_manifest",
