@@ -7,16 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import TINY_MODEL_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--config.model.ch=8",
-    "--config.model.ch_mult=(1,)",
-    "--config.model.attn_resolutions=()",
-    "--config.model.dropout=0.0",
-    "--config.train.batch_size=16",
-    "--config.optim.warmup_steps=0",
-]
+TINY = TINY_MODEL_FLAGS
 
 # (id, cli, arguments, text the error line must contain). RUN is the trained workdir,
 # NEW a path that does not exist yet, TMP a scratch directory, FILE an existing file.

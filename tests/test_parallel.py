@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from tiny import tiny_config
+from tiny import TINY_MODEL_FLAGS, tiny_config
 
 from jaxdiff.experiment import build_experiment, init_state, train_and_evaluate
 from jaxdiff.parallel import global_batch, make_mesh
@@ -21,15 +21,10 @@ from jaxdiff.training import Checkpointer, jit_train_step, make_train_step
 ROOT = Path(__file__).resolve().parents[1]
 TINY_FLAGS = [
     "--config=train/configs/digits.py",
-    "--config.model.ch=8",
-    "--config.model.ch_mult=(1,)",
-    "--config.model.attn_resolutions=()",
-    "--config.model.dropout=0.0",
-    "--config.train.batch_size=16",
+    *TINY_MODEL_FLAGS,
     "--config.train.log_every=2",
     "--config.sample.steps=2",
     "--config.sample.grid_size=4",
-    "--config.optim.warmup_steps=0",
 ]
 
 

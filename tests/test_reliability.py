@@ -12,19 +12,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from tiny import tiny_config
+from tiny import TINY_MODEL_FLAGS, tiny_config
 
 from jaxdiff.experiment import load_run, train_and_evaluate
 from jaxdiff.training.lock import LOCK_NAME, WorkdirLock, WorkdirLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "--config.model.ch=8",
-    "--config.model.ch_mult=(1,)",
-    "--config.model.attn_resolutions=()",
-    "--config.model.dropout=0.0",
-    "--config.train.batch_size=16",
-    "--config.optim.warmup_steps=0",
+    *TINY_MODEL_FLAGS,
     "--config.optim.learning_rate=2e-3",
     "--config.train.log_every=5",
     "--config.sample.steps=3",

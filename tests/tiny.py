@@ -2,6 +2,16 @@
 
 from train.configs.digits import get_config
 
+TINY_MODEL_FLAGS = [
+    "--config.model.ch=8",
+    "--config.model.ch_mult=(1,)",
+    "--config.model.attn_resolutions=()",
+    "--config.model.dropout=0.0",
+    "--config.train.batch_size=16",
+    "--config.optim.warmup_steps=0",
+]
+"""``python -m train`` flags giving the model and batch of :func:`tiny_config`."""
+
 
 def tiny_config(num_steps=10, **train):
     c = get_config()
