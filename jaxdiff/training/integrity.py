@@ -78,11 +78,6 @@ def write_manifest(step_dir: str | epath.PathLike) -> None:
     tmp.rename(root / MANIFEST)
 
 
-def has_manifest(step_dir: str | epath.PathLike) -> bool:
-    """Whether a step has a checksum manifest."""
-    return (epath.Path(step_dir) / MANIFEST).exists()
-
-
 def verify_manifest(step_dir: str | epath.PathLike) -> bool:
     """Re-hashes a step's files against its manifest.
 
@@ -130,7 +125,6 @@ __all__ = [
     "CheckpointCorruptError",
     "RestoreInfo",
     "check_finite",
-    "has_manifest",
     "verify_manifest",
     "write_manifest",
 ]
