@@ -13,10 +13,9 @@ one line on stderr and exit code 2 (``--debug`` shows the traceback).
 import json
 import os
 
-import numpy as np
 from absl import app, flags
 
-from jaxdiff.utils import cli
+from jaxdiff.utils import cli, storage
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Workdir of a training run.")
 _SOLVER = flags.DEFINE_string(
@@ -59,10 +58,12 @@ def _check_flags(out: str) -> None:
     if _EVAL.value == "fid" and not _FID_STATS.value:
         raise app.UsageError("--eval=fid needs --fid_stats=<reference .npz with mu and sigma>")
     for name, flag in (("fid_stats", _FID_STATS), ("inception_weights", _WEIGHTS)):
-        if flag.value and not os.path.isfile(flag.value):
+        if flag.value and not storage.isfile(flag.value):
             raise app.UsageError(f"--{name}={flag.value} does not exist")
-    if not out.lower().endswith(".png") or os.path.isdir(out):
+    if not out.lower().endswith(".png") or storage.isdir(out):
         raise app.UsageError(f"--out must be a .png file path, got {out!r}")
+    if storage.is_remote(out):
+        return  # a bucket: its permissions are only known when the upload runs
     parent = os.path.dirname(os.path.abspath(out))
     existing = parent
     while not os.path.exists(existing):
@@ -75,7 +76,7 @@ def main(argv):
     """Runs the command; ``argv`` holds no positional arguments."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    out = _OUT.value or os.path.join(_WORKDIR.value, "samples", "grid.png")
+    out = _OUT.value or storage.join(_WORKDIR.value, "samples", "grid.png")
     _check_flags(out)
     from jaxdiff import experiment as ex
     from jaxdiff.parallel import make_mesh
@@ -125,7 +126,7 @@ def main(argv):
         print(json.dumps({"eval": _EVAL.value, "num": _NUM.value, "nfe": nfe, **metrics}))
     grid = render_points(samples)[None] if samples.ndim == 2 else samples[:400]
     save_image_grid(out, grid, scale=_SCALE.value or run.config.sample.grid_scale)
-    np.savez(os.path.splitext(out)[0] + ".npz", samples=samples, labels=labels)
+    storage.save_npz(out[: -len(".png")] + ".npz", samples=samples, labels=labels)
     print(f"wrote {len(samples)} samples ({nfe} network evaluations each) to {out}")
 
 

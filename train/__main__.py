@@ -14,7 +14,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxdiff.utils import cli
+from jaxdiff.utils import cli, storage
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "digits.py")
 try:
@@ -71,7 +71,7 @@ def main(argv):
         jax.device_count(),
     )
     run_experiment(_CONFIG.value, _WORKDIR.value)
-    print(f"done: results in {os.path.abspath(_WORKDIR.value)}")
+    print(f"done: results in {storage.to_str(_WORKDIR.value)}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ checkpoints, the loop driver) takes explicit arguments; this package turns an
   sampling and evaluation of loaded runs.
 """
 
-from pathlib import Path
+import os
 from typing import Any
 
 import ml_collections
@@ -46,7 +46,7 @@ METHODS = {
 """``config.method`` -> the run it selects (``"train"`` when the key is absent)."""
 
 
-def run_experiment(config: ml_collections.ConfigDict, workdir: str | Path) -> Any:
+def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Any:
     """Runs ``config`` in ``workdir`` with the driver its ``method`` names.
 
     Raises:

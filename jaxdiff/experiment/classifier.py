@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -36,6 +35,7 @@ from jaxdiff.metrics.classifier import (
     save_classifier,
 )
 from jaxdiff.training.optim import make_optimizer
+from jaxdiff.utils import storage
 
 
 def _random_shift(key: jax.Array, x: jax.Array) -> jax.Array:
@@ -143,8 +143,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLi
             raise InvalidArgumentError(
                 f"config.{name} must be >= 1, got {config[name]}: set --config.{name}=N"
             )
-    out = str(config.out or Path(workdir) / "classifier.npz")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    out = storage.to_str(config.out or storage.join(workdir, "classifier.npz"))
     start = time.perf_counter()
     params = train_digits_classifier(
         config.seed,
@@ -172,7 +171,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLi
     print(
         f"trained in {seconds:.1f} s: held-out test accuracy {test_acc:.4f} (train {train_acc:.4f})"
     )
-    print(f"wrote {out} ({os.path.getsize(out)} bytes), SHA-256 {digest}")
+    print(f"wrote {out} ({storage.as_path(out).stat().length} bytes), SHA-256 {digest}")
     return out
 
 

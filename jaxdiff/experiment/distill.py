@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
@@ -55,6 +55,7 @@ from jaxdiff.training.checkpoint import Checkpointer
 from jaxdiff.training.loop import Hook, run_loop
 from jaxdiff.training.state import abstract_state
 from jaxdiff.training.writers import create_default_writer
+from jaxdiff.utils import storage
 from jaxdiff.utils.images import save_image_grid
 from jaxdiff.utils.rng import per_sample_keys, start_noise
 
@@ -107,7 +108,7 @@ def student_config(config: ml_collections.ConfigDict, teacher_config: Any, meta:
     return out
 
 
-def _grid_hook(config, teacher, nets, cfg, workdir: Path) -> Hook | None:
+def _grid_hook(config, teacher, nets, cfg, workdir: str) -> Hook | None:
     num = int(config.sample.grid_size)
     if num <= 0:
         return None
@@ -127,14 +128,14 @@ def _grid_hook(config, teacher, nets, cfg, workdir: Path) -> Hook | None:
         params = state.gen.ema[next(iter(state.gen.ema))] if state.gen.ema else state.gen.params
         images = np.asarray(sample(params, noise, labels))
         if is_main_process():
-            path = workdir / "samples" / "student.png"
+            path = storage.join(workdir, "samples", "student.png")
             save_image_grid(path, images, scale=int(config.sample.grid_scale))
             log.info("wrote student samples to %s", path)
 
     return Hook("student samples", 0, write)
 
 
-def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> Any:
+def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Any:
     """Distils ``config.teacher`` into a student in ``workdir`` (resumes if it can).
 
     Args:
@@ -186,7 +187,7 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path)
     shardings = distill_state_shardings(
         jax.eval_shape(init_fn, jax.random.key(0)), p_shard, txs, mesh
     )
-    workdir = Path(workdir)
+    workdir = storage.to_str(workdir)
     hooks = [_grid_hook(config, teacher, nets, cfg, workdir)]
     gen_step, critic_step = jit_steps(make_steps(nets, cfg, txs), shardings, p_shard, mesh)
     saved = student_config(
@@ -209,7 +210,9 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path)
         stack.enter_context(lock_workdir(workdir))
         keep = tc.keep_checkpoints
         full_ckpt, student_ckpt = (
-            stack.enter_context(Checkpointer(workdir / name, max_to_keep=keep, quarantine=True))
+            stack.enter_context(
+                Checkpointer(storage.join(workdir, name), max_to_keep=keep, quarantine=True)
+            )
             for name in ("distill_state", "checkpoints")
         )
         state, start = _init_or_restore(full_ckpt, init_fn, shardings, data, config.seed)
@@ -218,6 +221,7 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path)
         writer = create_default_writer(workdir, just_logging=not is_main_process())
         stack.callback(writer.close)
         stack.callback(writer.flush)
+        stack.callback(data.close)  # stops input worker processes at once
         if start == 0:
             writer.write_hparams(config.to_dict())
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +23,7 @@ from jaxdiff.experiment.builders import RUN_KEY, build_formulation, build_model
 from jaxdiff.parallel import make_mesh, param_shardings
 from jaxdiff.training.checkpoint import Checkpointer, load_config
 from jaxdiff.training.state import ema_key, init_params_fn
+from jaxdiff.utils import storage
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,7 @@ def load_run(
     Example:
         >>> run = load_run("runs/digits", mesh=make_mesh())  # doctest: +SKIP
     """
-    path = os.fspath(workdir)
-    if "://" in path:  # a bucket: orbax resolves it
-        ckpt_dir = path.rstrip("/") + "/checkpoints"
-    else:
-        ckpt_dir = str(Path(path).resolve() / "checkpoints")
+    ckpt_dir = storage.join(workdir, "checkpoints")
     stored = _stored_config(ckpt_dir, workdir)
     meta = stored.pop(RUN_KEY)
     config = ml_collections.ConfigDict(stored)

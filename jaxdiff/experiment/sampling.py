@@ -10,7 +10,6 @@ reachable the same way from the command line, from ``config.sample`` and in trai
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
@@ -23,6 +22,7 @@ from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.guidance import Guidance
 from jaxdiff.guidance.registry import REQUIRES, parse_guidance, parse_spec
 from jaxdiff.samplers import Solver, get_solver
+from jaxdiff.utils import storage
 
 GUIDE_KEYS = ("guide", "guide_ema", "classifier")
 """Spec keys resolved here into callables: a guiding run's workdir and EMA, a classifier."""
@@ -134,16 +134,12 @@ def check_guidance_spec(spec: str) -> tuple[str, dict[str, str], set[str]]:
             "'autoguidance:2.0,guide=runs/digits_small'"
         )
     guide = keys.get("guide")
-    if (
-        guide is not None
-        and "://" not in guide
-        and not os.path.isdir(os.path.join(guide, "checkpoints"))
-    ):
+    if guide is not None and not storage.isdir(storage.join(guide, "checkpoints")):
         raise InvalidArgumentError(
             f"{spec!r}: guide={guide} holds no checkpoints/: pass the workdir of a trained run"
         )
     path = keys.get("classifier")
-    if path is not None and not os.path.isfile(path):
+    if path is not None and not storage.isfile(path):
         raise InvalidArgumentError(f"{spec!r}: classifier file {path} does not exist")
     parse_guidance(rest, **{r: _stand_in for r in needs})  # names, keys and value ranges
     return rest, keys, needs

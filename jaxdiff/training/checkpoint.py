@@ -42,6 +42,7 @@ from jaxdiff.training.integrity import (
     verify_manifest,
     write_manifest,
 )
+from jaxdiff.utils import storage
 
 PyTree = Any
 
@@ -53,10 +54,9 @@ QUARANTINE = "corrupt"
 
 
 def _normalize_directory(directory: str | os.PathLike) -> str:
-    path = os.fspath(directory)
     # Remote paths (gs://...) go to orbax untouched; local ones are made absolute so
     # error messages name the real location.
-    return path if "://" in path else os.path.abspath(path)
+    return storage.to_str(directory)
 
 
 def _check_json(name: str, value: Any) -> None:
@@ -127,7 +127,7 @@ class Checkpointer:
         self.last_restore: RestoreInfo | None = None
 
     def _step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return storage.join(self.directory, str(step))
 
     def _seal(self) -> None:
         # Checksum every step whose save has finished. Orbax waits for the previous save
@@ -327,14 +327,14 @@ class Checkpointer:
             try:
                 restored, verified = checked(step)
             except Exception as e:
-                path = os.path.join(self.directory, str(step))
+                path = storage.join(self.directory, str(step))
                 raise RuntimeError(f"could not restore checkpoint {path}: {e}") from e
             self._record(RestoreInfo(step, verified))
             return restored, step
 
         errors, skipped = [], []
         for candidate in reversed(steps):
-            path = os.path.join(self.directory, str(candidate))
+            path = storage.join(self.directory, str(candidate))
             try:
                 restored, verified = checked(candidate)
             except Exception as e:  # Any failure means "unreadable": try an older step.
@@ -416,7 +416,7 @@ def load_config(directory: str | os.PathLike, step: int | None = None) -> dict |
         RuntimeError: if checkpoints exist but no step's config can be read.
     """
     path = _normalize_directory(directory)
-    if "://" not in path and not os.path.isdir(path):
+    if not storage.isdir(path):
         return None
     manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
     try:
@@ -429,7 +429,7 @@ def load_config(directory: str | os.PathLike, step: int | None = None) -> dict |
                 args = ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
                 return manager.restore(step, args=args)[_CONFIG]
             except Exception as e:  # Unreadable step: fall back as restore() does.
-                step_path = os.path.join(path, str(step))
+                step_path = storage.join(path, str(step))
                 logger.warning("could not read the config of %s (%s); trying older", step_path, e)
                 errors.append(f"{step_path}: {type(e).__name__}: {e}")
         if errors:

@@ -8,6 +8,11 @@ message naming the holder. A lock left by a process that died without cleaning u
 a crash) is detected when its host is this host and its pid is gone: the lock is reported
 as stale and taken over. A lock from another host cannot be checked from here; the error
 gives the command that clears it. Readers (``python -m sample``) take no lock.
+
+Object stores (``gs://`` workdirs) have no exclusive create, so there the lock is written
+only if absent and read back to check that this process won; two runs started within the
+same moment could both pass, but a second run started later -- the usual mistake --
+fails exactly as on local disk.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import os
 import socket
 import sys
 import time
-from pathlib import Path
+import uuid
+
+from jaxdiff.utils import storage
 
 log = logging.getLogger(__name__)
 
@@ -46,33 +53,43 @@ class WorkdirLock:
         >>> with WorkdirLock("runs/digits"):  # doctest: +SKIP
         ...     train(...)
 
-    Remote workdirs (``gs://...``) are not locked: object stores have no atomic create.
+    Remote workdirs (``gs://...``) are locked on a best-effort basis (see the module doc).
     """
 
     def __init__(self, workdir: str | os.PathLike):
-        self.workdir = os.fspath(workdir)
-        self.path = None if "://" in self.workdir else Path(self.workdir) / LOCK_NAME
+        self.workdir = storage.to_str(workdir)
+        self.path = storage.join(self.workdir, LOCK_NAME)
+        self._remote = storage.is_remote(self.path)
         self._held = False
+        self._token = uuid.uuid4().hex
 
     def _holder(self) -> dict:
         try:
-            return json.loads(self.path.read_text())
+            return json.loads(storage.read_text(self.path))
         except (OSError, ValueError):
             return {}
 
     def _create(self) -> bool:
+        info = json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join(sys.argv),
+                "token": self._token,
+            }
+        )
+        if self._remote:
+            if storage.exists(self.path):
+                return False
+            storage.write_text(self.path, info)
+            return self._holder().get("token") == self._token
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        info = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": " ".join(sys.argv),
-        }
         with os.fdopen(fd, "w") as f:
-            json.dump(info, f)
+            f.write(info)
         return True
 
     def acquire(self) -> WorkdirLock:
@@ -81,9 +98,7 @@ class WorkdirLock:
         Raises:
             WorkdirLockedError: naming the holder (host, pid, start, command) and the fix.
         """
-        if self.path is None:
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(self.workdir)
         for _ in range(2):
             if self._create():
                 self._held = True
@@ -98,7 +113,7 @@ class WorkdirLock:
                     host,
                     holder.get("started", "?"),
                 )
-                self.path.unlink(missing_ok=True)
+                storage.remove(self.path)
                 continue
             break
         who = f"pid {pid} on {host}" if host else "an unknown process"
@@ -106,14 +121,14 @@ class WorkdirLock:
             f"workdir {self.workdir} is in use by {who} (started "
             f"{holder.get('started', '?')}: {holder.get('command', '?')}). Wait for it to "
             f"finish or use another --workdir; if that process is gone, clear the lock "
-            f"with: rm {self.path}"
+            f"with: {'gsutil rm' if self._remote else 'rm'} {self.path}"
         )
 
     def release(self) -> None:
         """Removes the lock if this process holds it."""
-        if self._held and self.path is not None:
-            if self._holder().get("pid") == os.getpid():
-                self.path.unlink(missing_ok=True)
+        if self._held:
+            if self._holder().get("token") == self._token:
+                storage.remove(self.path)
             self._held = False
 
     def __enter__(self) -> WorkdirLock:

@@ -168,6 +168,7 @@ def run_loop(
                 bar.update(step, loss=scalars.get(progress_metric, float("nan")))
             if wants_save:
                 save(step, state)
+                writer.flush()  # metrics reach a bucket at least as often as checkpoints
             if preempted:
                 log.warning("stopping at step %d on a preemption signal; rerun to resume", step)
                 break

@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from jaxdiff.utils import storage
 from jaxdiff.utils.images import make_grid
 
 logger = logging.getLogger(__name__)
@@ -144,53 +145,84 @@ class JsonlWriter:
     should keep the last record per step. Non-finite values are written as Python's
     ``NaN``/``Infinity`` tokens, which ``json.loads`` and pandas read back.
 
+    Local files get each line at once (for ``tail -f`` and crash safety). Object stores
+    cannot append, so for a cloud path (``gs://...``) the whole file is uploaded again at
+    most every ``upload_every`` seconds and on :meth:`flush`/:meth:`close` (the training
+    loop flushes at every checkpoint), keeping the upload traffic small.
+
     Args:
-        path: the JSONL file, e.g. ``workdir/metrics.jsonl``; parents are created.
-            Images go to ``<dir>/images/<name>_<step>.png``, hparams to
+        path: the JSONL file, e.g. ``workdir/metrics.jsonl`` (local or ``gs://``); parents
+            are created. Images go to ``<dir>/images/<name>_<step>.png``, hparams to
             ``<dir>/hparams.json``.
+        upload_every: seconds between uploads of a cloud file.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        self.directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(self.directory, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")  # Closed in close().
+    def __init__(self, path: str | os.PathLike, *, upload_every: float = 60.0):
+        self.path = storage.to_str(path)
+        self.directory = storage.to_str(storage.as_path(self.path).parent)
+        storage.makedirs(self.directory)
+        self._remote = storage.is_remote(self.path)
+        self._upload_every = upload_every
+        self._closed = False
+        if self._remote:
+            self._text = storage.read_text(self.path) if storage.exists(self.path) else ""
+            self._dirty, self._uploaded = False, time.monotonic()
+        else:
+            self._file = open(self.path, "a", encoding="utf-8")  # Closed in close().
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Appends ``{"step": step, **scalars}`` as one line."""
+        if self._closed:
+            raise ValueError(f"write to closed JsonlWriter({self.path})")
         record: dict[str, Any] = {"step": int(step)}
         for key, value in scalars.items():
             record[key] = int(value) if isinstance(value, int | np.integer) else float(value)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()  # Each line is complete on disk, for tail -f and crash safety.
+        line = json.dumps(record) + "\n"
+        if not self._remote:
+            self._file.write(line)
+            self._file.flush()  # Each line is complete on disk, for tail -f and crash safety.
+            return
+        self._text += line
+        self._dirty = True
+        if time.monotonic() - self._uploaded >= self._upload_every:
+            self.flush()
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """Writes each image as ``images/<name>_<step>.png``."""
+        import io
+
         from PIL import Image
 
-        image_dir = os.path.join(self.directory, "images")
-        os.makedirs(image_dir, exist_ok=True)
         for name, image in images.items():
             pixels = _as_hwc_uint8(name, image)
             if pixels.shape[-1] == 1:
                 pixels = pixels[..., 0]  # Pillow wants [H, W] for greyscale.
-            path = os.path.join(image_dir, f"{_safe_name(name)}_{int(step)}.png")
-            Image.fromarray(pixels).save(path, format="PNG")
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format="PNG")
+            path = storage.join(self.directory, "images", f"{_safe_name(name)}_{int(step)}.png")
+            storage.write_bytes(path, buf.getvalue())
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         """Writes ``hparams.json`` (replacing an older one)."""
-        path = os.path.join(self.directory, "hparams.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(dict(hparams), f, indent=2, sort_keys=True, default=str)
+        text = json.dumps(dict(hparams), indent=2, sort_keys=True, default=str)
+        storage.write_text(storage.join(self.directory, "hparams.json"), text)
 
     def flush(self) -> None:
-        """Flushes the JSONL file."""
-        if not self._file.closed:
+        """Flushes the JSONL file (uploads it, for a cloud path)."""
+        if self._closed:
+            return
+        if not self._remote:
             self._file.flush()
+        elif self._dirty:
+            storage.write_text(self.path, self._text)
+            self._dirty, self._uploaded = False, time.monotonic()
 
     def close(self) -> None:
-        """Closes the JSONL file; later writes raise ``ValueError``."""
-        self._file.close()
+        """Flushes and closes the JSONL file; later writes raise ``ValueError``."""
+        self.flush()
+        if not self._remote:
+            self._file.close()
+        self._closed = True
 
 
 class TensorBoardWriter:
@@ -286,11 +318,14 @@ def create_default_writer(
     """
     if just_logging:
         return LoggingWriter()
-    workdir = os.fspath(workdir)
     writers: list[MetricWriter] = [
         LoggingWriter(),
-        JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+        JsonlWriter(storage.join(workdir, "metrics.jsonl")),
     ]
+    if storage.is_remote(workdir):
+        # tensorboardX reaches buckets through its own cloud clients, not the storage
+        # layer, so bucket runs log to metrics.jsonl only (documented in docs/scaling.md).
+        tensorboard = False
     if tensorboard and importlib.util.find_spec("tensorboardX") is not None:
         writers.append(TensorBoardWriter(workdir))
     return MultiWriter(writers)
