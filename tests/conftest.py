@@ -50,6 +50,45 @@ def trained_run(tmp_path_factory):
     return workdir
 
 
+def _unbound_getitems(record_keys, generator, serialized=False):
+    assert not serialized  # jaxdiff reads decoded examples
+    return [generator[int(k)] for k in record_keys]
+
+
+@pytest.fixture
+def mock_tfds(monkeypatch):
+    # USE_CODE: fake examples generated from the builders' feature specs; needs no
+    # metadata files, no TensorFlow and no network.
+    # tfds 4.9's mock assigns `__getitems__ = partial(_getitems, generator=...)` on a
+    # MagicMock, which (unlike __getitem__) does not bind `self`, so every batched read
+    # fails with a TypeError; real ArrayRecord sources are fine. Swap in a function
+    # without `self` so the mock serves `__getitems__` as ArrayRecord does.
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.testing import mocking
+
+    monkeypatch.setattr(mocking, "_getitems", _unbound_getitems)
+    with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+        yield
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    """A fake ``gs://`` bucket store (tests/fakegcs.py); yields the folder holding it.
+
+    The test runs in an empty working directory, so a URL mistaken for a local path
+    (``gs:/bucket/...``) shows up as a folder there.
+    """
+    import fakegcs
+
+    root = tmp_path / "gcs"
+    for obj, name, value in fakegcs.patches(root):
+        monkeypatch.setattr(obj, name, value)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    yield root
+
+
 def pytest_configure(config):
     """Fail loudly if the forced device count did not take effect."""
     if jax.device_count() != NUM_DEVICES:

@@ -1,10 +1,15 @@
 import json
+import multiprocessing
+import subprocess
+import sys
+import textwrap
 
 import grain
 import numpy as np
 import pytest
 
-from jaxdiff.data import ArraySource, get_dataset, make_iterator, random_flip_left_right
+from jaxdiff.data import ArraySource, get_dataset, make_iterator
+from jaxdiff.data.pipeline import augment_keys, random_flip
 
 
 def _index_source(n):
@@ -158,7 +163,51 @@ def test_plain_source_is_stacked():
     assert batch["image"].shape == (4, 1) and batch["label"].dtype == np.int32
 
 
-def test_transforms_are_applied_deterministically_and_restore():
+def _stamp_keys(batch, keys):
+    """Test augmentation whose effect is the keys themselves (top level: it must pickle)."""
+    return {**batch, "key": keys}
+
+
+def _asymmetric_source(n):
+    """Images whose columns differ (so a flip is visible) and that identify the example."""
+    image = np.arange(n * 2 * 3 * 1, dtype=np.float32).reshape(n, 2, 3, 1)
+    return ArraySource(image, np.arange(n) % 4)
+
+
+def _concat(parts, key):
+    return np.concatenate([p[key] for p in parts])
+
+
+def test_two_processes_equal_one_for_order_and_augmentation():
+    kwargs = dict(global_batch_size=8, seed=9, augment=random_flip)
+    single = make_iterator(_asymmetric_source(13), process_index=0, process_count=1, **kwargs)
+    parts = [
+        make_iterator(_asymmetric_source(13), process_index=p, process_count=2, **kwargs)
+        for p in range(2)
+    ]
+    flips = 0
+    for _ in range(5):  # crosses epoch boundaries (13 is not a multiple of 8)
+        whole, halves = next(single), [next(it) for it in parts]
+        np.testing.assert_array_equal(whole["image"], _concat(halves, "image"))
+        np.testing.assert_array_equal(whole["label"], _concat(halves, "label"))
+        flips += int((whole["image"][:, 0, 0, 0] % 3 == 2).sum())  # column 2 came first
+    assert 5 <= flips <= 35  # about half of the 40 images, so the flip really ran
+
+
+def test_augment_keys_follow_the_global_position():
+    kwargs = dict(global_batch_size=6, seed=4, augment=_stamp_keys, process_count=3)
+    for p in range(3):
+        it = make_iterator(_index_source(10), process_index=p, **kwargs)
+        for step in range(3):
+            expected = augment_keys(4, step * 6 + 2 * p + np.arange(2))
+            np.testing.assert_array_equal(next(it)["key"], expected)
+    keys = augment_keys(4, np.arange(1000))
+    assert keys.dtype == np.uint64 and len(np.unique(keys)) == 1000
+    assert not np.array_equal(augment_keys(5, np.arange(4)), keys[:4])  # seed matters
+    assert 400 < int((keys >> np.uint64(63)).sum()) < 600  # top bit is a fair coin
+
+
+def test_transform_and_augment_are_deterministic_and_restore():
     def scale(batch):
         return {**batch, "image": batch["image"] * 2}
 
@@ -168,7 +217,7 @@ def test_transforms_are_applied_deterministically_and_restore():
         process_index=0,
         process_count=1,
         transform=scale,
-        random_transform=random_flip_left_right,
+        augment=random_flip,
     )
     source = get_dataset("digits")
     first = _take(make_iterator(source, **kwargs), 6)
@@ -176,11 +225,8 @@ def test_transforms_are_applied_deterministically_and_restore():
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
     assert first[0]["image"].min() == -2.0  # transform ran
-    plain = _take(make_iterator(source, **{**kwargs, "random_transform": None}), 6)
-    flipped = np.concatenate([f["image"] for f in first]) != np.concatenate(
-        [p["image"] for p in plain]
-    )
-    assert flipped.any()
+    plain = _take(make_iterator(source, **{**kwargs, "augment": None}), 6)
+    assert (_concat(first, "image") != _concat(plain, "image")).any()
     it = make_iterator(source, **kwargs)
     _take(it, 3)
     fresh = make_iterator(source, **kwargs)
@@ -188,9 +234,56 @@ def test_transforms_are_applied_deterministically_and_restore():
     np.testing.assert_array_equal(next(fresh)["image"], first[3]["image"])
 
 
-def test_random_flip_left_right_mirrors_width():
+def test_workers_match_in_process_and_resume_across_worker_counts():
+    # One worker pipeline for the whole test: spawning workers costs seconds each.
+    source = _asymmetric_source(21)
+    kwargs = dict(global_batch_size=4, seed=2, process_index=0, process_count=1)
+    kwargs["augment"] = _stamp_keys
+    reference = _take(make_iterator(source, **kwargs), 9)
+    before = set(multiprocessing.active_children())
+    it = make_iterator(source, workers=2, prefetch=2, **kwargs)
+    it.set_state({"next_index": 3})  # resumes a workers=0 run with 2 workers
+    for expected in reference[3:8]:
+        got = next(it)
+        for key in ("image", "label", "key"):
+            np.testing.assert_array_equal(got[key], expected[key])
+    assert len(set(multiprocessing.active_children()) - before) == 2
+    state = json.loads(json.dumps(it.get_state()))
+    assert state == {"next_index": 8}
+    it.close()
+    assert not set(multiprocessing.active_children()) - before  # close stops the workers
+    with pytest.raises(ValueError, match="closed"):
+        next(it)
+    back = make_iterator(source, **kwargs)  # ... and a 2-worker run resumes in-process
+    back.set_state(state)
+    np.testing.assert_array_equal(next(back)["key"], reference[8]["key"])
+
+
+@pytest.mark.slow
+def test_interpreter_exits_with_workers_left_open():
+    script = textwrap.dedent(
+        """
+        import numpy as np
+        from jaxdiff.data import ArraySource, make_iterator
+
+        if __name__ == "__main__":
+            it = make_iterator(ArraySource(np.zeros((8, 2))), global_batch_size=2, seed=0,
+                               process_index=0, process_count=1, workers=2)
+            next(it)
+            print("done", flush=True)
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and "done" in run.stdout, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+
+
+def test_random_flip_mirrors_width():
     image = np.arange(2 * 3 * 4 * 1, dtype=np.float32).reshape(2, 3, 4, 1)
-    out = random_flip_left_right({"image": image}, np.random.default_rng(0))["image"]
+    keys = np.array([0, 2**63], np.uint64)
+    out = random_flip({"image": image}, keys)["image"]
     for orig, new in zip(image, out, strict=True):
         assert np.array_equal(new, orig) or np.array_equal(new, orig[:, ::-1])
 
@@ -208,6 +301,10 @@ def test_bad_global_batch_size_names_both_numbers():
         (dict(process_index=2, process_count=2), "process_index=2"),
         (dict(seed=-1), "seed"),
         (dict(num_epochs=1, global_batch_size=64), "num_epochs=1"),
+        (dict(workers=-1), "workers=-1"),
+        (dict(prefetch=1.5), "prefetch=1.5"),
+        (dict(threads=-2), "threads=-2"),
+        (dict(augment="flip"), "augment='flip'"),
     ],
 )
 def test_other_bad_arguments(kwargs, match):
@@ -219,3 +316,33 @@ def test_other_bad_arguments(kwargs, match):
 def test_unknown_dataset_lists_known_names():
     with pytest.raises(ValueError, match=r"unknown dataset 'cifar11'.*digits.*moons.*tfds:"):
         get_dataset("cifar11")
+
+
+@pytest.mark.parametrize("state", [{"next_index": -1}, {"last_seen": 3}, {"next_index": "3"}])
+def test_bad_state_names_the_state(state):
+    it = make_iterator(
+        _index_source(10), global_batch_size=2, seed=0, process_index=0, process_count=1
+    )
+    with pytest.raises(ValueError, match="next_index"):
+        it.set_state(state)
+
+
+def test_image_folder_two_processes_equal_one(tmp_path):
+    pil = pytest.importorskip("PIL.Image")
+    from jaxdiff.data.imagefolder import ImageFolderSource
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / f"class{c}").mkdir()
+        for i in range(5):  # 10 JPEG/PNG images of odd sizes, cropped to 8x8
+            pixels = rng.integers(0, 256, (9 + i, 12, 3), dtype=np.uint8)
+            pil.fromarray(pixels).save(tmp_path / f"class{c}" / f"{i}.{'png' if i % 2 else 'jpg'}")
+    kwargs = dict(global_batch_size=4, seed=1, augment=random_flip)
+    source = ImageFolderSource(tmp_path, image_size=8)
+    single = make_iterator(source, process_index=0, process_count=1, **kwargs)
+    parts = [make_iterator(source, process_index=p, process_count=2, **kwargs) for p in range(2)]
+    for _ in range(4):  # 16 images: crosses the epoch boundary at 10
+        whole, halves = next(single), [next(it) for it in parts]
+        assert whole["image"].shape == (4, 8, 8, 3)
+        np.testing.assert_array_equal(whole["image"], _concat(halves, "image"))
+        np.testing.assert_array_equal(whole["label"], _concat(halves, "label"))

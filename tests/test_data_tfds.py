@@ -5,19 +5,12 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from jaxdiff.data import (  # noqa: E402
     DatasetNotPreparedError,
+    TfdsSource,
     TfdsSpec,
     get_dataset,
     load_tfds,
     make_iterator,
 )
-
-
-@pytest.fixture
-def mock_tfds():
-    # USE_CODE: fake examples generated from the builders' feature specs; needs no
-    # metadata files, no TensorFlow and no network.
-    with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
-        yield
 
 
 @pytest.mark.parametrize(
@@ -93,3 +86,84 @@ def test_missing_dataset_respects_tfds_data_dir_env(tmp_path, monkeypatch):
 def test_unknown_tfds_name(tmp_path):
     with pytest.raises(ValueError, match="TFDS has no dataset named 'no_such_dataset_xyz'"):
         get_dataset("tfds:no_such_dataset_xyz", data_dir=str(tmp_path))
+
+
+class _Records:
+    """A data source like tfds's, over in-memory records; counts the reads it serves."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+        self.single_reads = 0
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        self.single_reads += 1
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+class _BatchedRecords(_Records):
+    """Also implements ``__getitems__``, as TFDS ArrayRecord data sources do."""
+
+    def __init__(self, images, labels):
+        super().__init__(images, labels)
+        self.batch_calls = []
+
+    def __getitems__(self, keys):
+        assert all(type(k) is int for k in keys)  # ArrayRecord wants plain ints
+        self.batch_calls.append(list(keys))
+        return [{"image": self.images[k], "label": self.labels[k]} for k in keys]
+
+
+def _float_latents(n=10):
+    return np.random.default_rng(0).standard_normal((n, 4, 4, 4)).astype(np.float16) * 5
+
+
+@pytest.mark.parametrize("records_cls", [_Records, _BatchedRecords])
+def test_float_image_feature_is_kept_as_stored(records_cls):
+    latents, labels = _float_latents(), np.arange(10) % 3
+    source = TfdsSource(
+        records_cls(latents, labels), name="latents", split="train", spec=TfdsSpec(num_classes=3)
+    )
+    assert source.info.image_shape == (4, 4, 4) and source.info.num_classes == 3
+    np.testing.assert_array_equal(source[2]["image"], latents[2].astype(np.float32))
+    batch = source.get_batch(np.array([9, 0, 9]))
+    assert batch["image"].dtype == np.float32 and np.abs(batch["image"]).max() > 1.0
+    np.testing.assert_array_equal(batch["image"], latents[[9, 0, 9]].astype(np.float32))
+    np.testing.assert_array_equal(batch["label"], labels[[9, 0, 9]])
+
+
+def test_get_batch_reads_all_indices_in_one_call():
+    images = np.arange(6 * 2 * 2, dtype=np.uint8).reshape(6, 2, 2)
+    records = _BatchedRecords(images, np.arange(6))
+    source = TfdsSource(records, name="fake", split="train", spec=TfdsSpec(num_classes=6))
+    reads_at_init = records.single_reads
+    batch = source.get_batch(np.array([5, 1, 3], dtype=np.int64))
+    assert records.batch_calls == [[5, 1, 3]] and records.single_reads == reads_at_init
+    assert batch["image"].shape == (3, 2, 2, 1)
+    np.testing.assert_allclose(batch["image"], images[[5, 1, 3], ..., None] / 127.5 - 1, atol=1e-6)
+    np.testing.assert_array_equal(batch["label"], [5, 1, 3])
+
+
+def test_get_batch_uses_tfds_getitems(mock_tfds, monkeypatch):
+    source = get_dataset("mnist")
+    calls = []
+    getitems = source._source.__getitems__
+
+    def spy(keys):
+        calls.append(list(keys))
+        return getitems(keys)
+
+    monkeypatch.setattr(source._source, "__getitems__", spy, raising=False)
+    idx = np.array([3, 7, 0, 7])
+    batch = source.get_batch(idx)
+    assert calls == [[3, 7, 0, 7]]
+    for row, i in zip(batch["image"], idx, strict=True):
+        np.testing.assert_array_equal(row, source[int(i)]["image"])
+
+
+def test_non_numeric_image_feature_is_explained():
+    records = _Records(np.array([[b"png bytes"]] * 2), np.zeros(2, int))
+    with pytest.raises(ValueError, match=r"feature 'image' has dtype \|S9.*must be numeric"):
+        TfdsSource(records, name="encoded", split="train", spec=TfdsSpec(num_classes=1))

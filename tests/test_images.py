@@ -1,8 +1,9 @@
+import fakegcs
 import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdiff.utils import make_grid, save_image_grid, upscale
+from jaxdiff.utils import displayable, make_grid, save_image_grid, upscale
 
 
 def test_grid_shape_n10_nrow4():
@@ -35,8 +36,10 @@ def test_rgb_channels_kept():
 
 
 def test_bad_shapes_raise():
-    with pytest.raises(ValueError, match="C in"):
-        make_grid(np.zeros((2, 4, 4, 2)))
+    with pytest.raises(ValueError, match=r"C >= 1"):
+        make_grid(np.zeros((2, 4, 4, 0)))
+    with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
+        make_grid(np.zeros((2, 4)))
     with pytest.raises(ValueError, match="empty"):
         make_grid(np.zeros((0, 4, 4, 1)))
     with pytest.raises(ValueError, match="factor"):
@@ -61,3 +64,71 @@ def test_save_image_grid_png(tmp_path):
         assert im.size == (4 * (4 * 9 + 1), 4 * (3 * 9 + 1))  # (width, height)
         pixels = np.asarray(im)
     np.testing.assert_array_equal(pixels, upscale(make_grid(images, nrow=4), 4))
+
+
+def _latents(c, n=4, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 3, 3, c)).astype(np.float32) * 4
+
+
+def test_displayable_keeps_grey_and_rgb():
+    for c in (1, 3):
+        images = _latents(c) / 8
+        shown, note = displayable(images)
+        assert note is None and shown is images
+    shown, note = displayable(np.zeros((2, 5, 5)))
+    assert note is None and shown.shape == (2, 5, 5, 1)
+
+
+@pytest.mark.parametrize("c, kept, which", [(2, 1, "channel 0 as grey"), (4, 3, "channels 0-2")])
+def test_displayable_previews_raw_channels_without_a_decoder(c, kept, which):
+    latents = _latents(c)
+    shown, note = displayable(latents)
+    assert shown.shape == (4, 3, 3, kept)
+    assert note.startswith(f"{c}-channel samples: no decoder configured; showing {which}")
+    # Each shown channel is its own channel, rescaled over the batch to exactly [-1, 1].
+    for k in range(kept):
+        x = latents[..., k]
+        expected = (x - x.min()) / (x.max() - x.min()) * 2 - 1
+        np.testing.assert_allclose(shown[..., k], expected, atol=1e-5)
+
+
+def test_displayable_constant_and_nan_channels_are_grey():
+    latents = np.zeros((2, 2, 2, 5), np.float32)
+    latents[0, 0, 0, 1] = np.nan
+    shown, _ = displayable(latents)
+    assert np.isfinite(shown[..., 0]).all() and (shown[..., 0] == 0).all()
+    with pytest.warns(UserWarning, match="5-channel"):
+        assert make_grid(latents[:1], padding=0)[1, 1, 1] == 128
+
+
+def test_decoder_is_used_for_other_channel_counts():
+    seen = []
+
+    def decode(z):
+        seen.append(z.shape)
+        return np.tanh(z[..., :3]).repeat(2, axis=1).repeat(2, axis=2)  # a 2x "VAE"
+
+    latents = _latents(4)
+    shown, note = displayable(latents, decode)
+    assert note is None and seen == [(4, 3, 3, 4)] and shown.shape == (4, 6, 6, 3)
+    grid = make_grid(latents, nrow=4, padding=0, decode=decode)
+    assert grid.shape == (6, 24, 3)
+    with pytest.raises(ValueError, match=r"decode turned 4-channel.*\[4, H, W, 1 or 3\]"):
+        displayable(latents, lambda z: z)
+
+
+def test_make_grid_warns_with_the_channel_count():
+    with pytest.warns(
+        UserWarning, match="4-channel samples: no decoder configured; showing channels 0-2"
+    ):
+        grid = make_grid(_latents(4), nrow=2, padding=1)
+    assert grid.shape == (2 * 4 + 1, 2 * 4 + 1, 3)
+
+
+def test_save_image_grid_writes_latent_previews_to_gcs(fake_gcs):
+    url = f"gs://{fakegcs.BUCKET}/run/samples/step_000010.png"
+    with pytest.warns(UserWarning, match="8-channel"):
+        path = save_image_grid(url, _latents(8), nrow=2, scale=3)
+    assert path == url
+    with Image.open(fakegcs.local_path(fake_gcs, url)) as im:
+        assert im.format == "PNG" and im.size == (3 * 9, 3 * 9)

@@ -11,14 +11,13 @@ The data tensor is always under ``"image"`` (2-D toy points too), so training co
 the same for every dataset.
 """
 
+from jaxdiff.data.arrays import NpySource
+from jaxdiff.data.augment import AUGMENT_LABEL, EdmAugment, random_flip
 from jaxdiff.data.digits import load_digits
-from jaxdiff.data.pipeline import (
-    TOY_SPLIT_SIZES,
-    dataset_names,
-    get_dataset,
-    make_iterator,
-    random_flip_left_right,
-)
+from jaxdiff.data.imagefolder import CorruptImageError, ImageFolderSource
+from jaxdiff.data.pipeline import Augmentation, BatchIterator, augment_keys, make_iterator
+from jaxdiff.data.registry import TOY_SPLIT_SIZES, dataset_names, get_dataset
+from jaxdiff.data.shards import ArrayRecordSource, ShardError, write_arrays
 from jaxdiff.data.sources import ArraySource, Batch, DatasetInfo, DataSource, stack_examples
 from jaxdiff.data.tfds_source import (
     KNOWN_TFDS,
@@ -39,17 +38,27 @@ from jaxdiff.data.toys import (
 )
 
 __all__ = [
+    "AUGMENT_LABEL",
     "KNOWN_TFDS",
     "TFDS_ALIASES",
     "TOY_SPLIT_SIZES",
+    "ArrayRecordSource",
     "ArraySource",
+    "Augmentation",
     "Batch",
+    "BatchIterator",
+    "CorruptImageError",
     "DataSource",
     "DatasetInfo",
     "DatasetNotPreparedError",
+    "EdmAugment",
     "GaussianMixture",
+    "ImageFolderSource",
+    "NpySource",
+    "ShardError",
     "TfdsSource",
     "TfdsSpec",
+    "augment_keys",
     "checkerboard_log_prob",
     "dataset_names",
     "gaussian_mixture_log_prob",
@@ -57,10 +66,11 @@ __all__ = [
     "load_digits",
     "load_tfds",
     "make_iterator",
-    "random_flip_left_right",
+    "random_flip",
     "ring_gaussian_mixture",
     "sample_checkerboard",
     "sample_gaussian_mixture",
     "sample_two_moons",
     "stack_examples",
+    "write_arrays",
 ]

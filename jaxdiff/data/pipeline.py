@@ -1,9 +1,10 @@
 """Deterministic, checkpointable, per-process-sharded batch iterators built on grain.
 
-:func:`make_iterator` turns any random-access source into a grain ``DatasetIterator``
-of local batches. The pipeline is ``grain.MapDataset.range(num_steps).map(fetch)``,
-where ``fetch(step)`` computes the example indices of batch ``step`` with numpy and
-reads them in one call:
+:func:`make_iterator` turns any random-access source into an iterator of local batches.
+Batch ``step`` is computed by ``fetch(step)``: the example indices of the batch with numpy,
+one ``source.get_batch(indices)`` read, the optional ``transform`` and ``augment``. The
+pipeline is ``grain.MapDataset.range(step, ...).map(fetch)``, run in the main process
+(with threads for file sources) or in ``workers`` grain worker processes.
 
 * **Shuffling.** Each epoch is a fresh permutation of all examples seeded by
   ``(seed, epoch)``. Global batches are cut from the concatenated epochs, so a batch may
@@ -13,35 +14,90 @@ reads them in one call:
   those examples. The global batch, assembled in process order, is the same for any
   ``P``: multi-host runs match single-host ones and can resume on another topology.
 * **Checkpointing.** Batch ``step`` is a pure function of ``(seed, step)``, so the
-  iterator state is just ``{"next_index": step}``: ``it.get_state()`` /
-  ``it.set_state(state)`` resume the exact order, and
-  ``grain.checkpoint.CheckpointSave(it)`` works inside an orbax ``Composite``.
+  iterator state is just ``{"next_index": step}``, whatever the number of processes or
+  workers: ``it.get_state()`` / ``it.set_state(state)`` resume the exact stream (also with
+  another ``workers`` or ``process_count``), and ``grain.checkpoint.CheckpointSave(it)``
+  works inside an orbax ``Composite``.
 
-Vectorised gathers (one ``source.get_batch(indices)`` per batch, 2 orders of magnitude
-faster than grain's per-element shuffle for in-memory data) keep host work small.
+Augmentation protocol
+---------------------
+An augmentation is a callable ``augment(batch: Batch, keys: np.ndarray) -> Batch``:
+
+* ``batch`` is this process's local batch after ``transform``; return a new dict (do not
+  modify the input's arrays in place) with the same keys and batch size.
+* ``keys`` is a ``uint64 [local_batch]`` array of per-example seeds:
+  ``keys[i] = augment_keys(seed, step * global_batch_size + p L + i)``, a hash of the
+  seed and the example's *global position in the endless stream*, not of the process or
+  worker. Example ``i``'s randomness must depend on ``keys[i]`` only (e.g.
+  ``np.random.default_rng(keys[i])`` or bits of the key), so the augmented global batch
+  is the same for any topology and worker count, and a resumed run continues it exactly.
+  Salt the key with a constant of your own before use (as :mod:`jaxdiff.data.augment`
+  does), so that chained augmentations make independent choices.
+* It must be picklable (a top-level function or a dataclass instance), because with
+  ``workers > 0`` it runs in worker processes; keep captured state small, every worker
+  receives a copy.
+
+:func:`jaxdiff.data.augment.random_flip` (re-exported here) is the reference
+implementation; :class:`jaxdiff.data.augment.EdmAugment` is EDM's augmentation pipe.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
-from jaxdiff.data import digits, toys
+from jaxdiff.data.augment import random_flip
 from jaxdiff.data.sources import ArraySource, Batch, DataSource, stack_examples
-from jaxdiff.data.tfds_source import KNOWN_TFDS, TFDS_ALIASES, load_tfds
+from jaxdiff.errors import InvalidArgumentError
 
 BatchTransform = Callable[[Batch], Batch]
-RandomBatchTransform = Callable[[Batch, np.random.Generator], Batch]
+#: ``(batch, keys) -> batch``; see the module docstring for the protocol.
+Augmentation = Callable[[Batch, np.ndarray], Batch]
 
 # "Infinite" number of steps; grain's range datasets need a finite length.
 _ENDLESS_STEPS = 2**62
+# Separates the augmentation key stream from any other use of the run seed.
+_AUGMENT_DOMAIN = 0x61756720  # "aug "
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijective, well-mixed hash of each uint64."""
+    # uint64 arithmetic wraps by design; 0-d inputs would otherwise warn on overflow.
+    with np.errstate(over="ignore"):
+        z = np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+@functools.lru_cache(maxsize=16)
+def _key_base(seed: int) -> np.uint64:
+    return np.random.SeedSequence([seed, _AUGMENT_DOMAIN]).generate_state(1, np.uint64)[0]
+
+
+def augment_keys(seed: int, positions: np.ndarray) -> np.ndarray:
+    """Per-example augmentation seeds of the examples at ``positions`` of the stream.
+
+    Args:
+        seed: The run seed given to :func:`make_iterator`.
+        positions: Global positions in the endless example stream
+            (``step * global_batch_size + index in the global batch``).
+
+    Returns:
+        ``uint64`` array shaped like ``positions``: the ``keys`` an augmentation receives.
+    """
+    return _mix64(_mix64(np.asarray(positions).astype(np.uint64)) ^ _key_base(seed))
 
 
 class _BatchIndices:
-    """Maps a step number to the example indices of this process's part of the batch.
+    """Maps a step number to the stream positions and example indices of this process.
 
     One global order serves every topology: epoch ``e`` is a permutation of all examples
     drawn from ``(seed, e)``, global batch ``s`` is the next ``global_batch`` entries of
@@ -66,24 +122,172 @@ class _BatchIndices:
         self._offset = shard * self._local
         self._seed = seed
         self._shuffle = shuffle
-        # A batch touches at most two epochs unless it is longer than the dataset; a small
-        # cache avoids recomputing the permutation (per thread, grain prefetches batches
-        # in parallel, so a couple of epochs can be live at once).
-        self._order = functools.lru_cache(maxsize=4)(self._epoch_order)
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
+    def positions(self, step: int) -> np.ndarray:
+        return int(step) * self._global + self._offset + np.arange(self._local)
+
+    def examples(self, positions: np.ndarray) -> np.ndarray:
+        epoch, offset = np.divmod(positions, self._n)
         if not self._shuffle:
-            return np.arange(self._n)
-        return np.random.default_rng([self._seed, epoch]).permutation(self._n)
-
-    def __call__(self, step: int) -> np.ndarray:
-        pos = int(step) * self._global + self._offset + np.arange(self._local)
-        epoch, offset = np.divmod(pos, self._n)
-        out = np.empty(self._local, dtype=np.int64)
+            return offset
+        out = np.empty(len(positions), dtype=np.int64)
         for e in np.unique(epoch):
             mask = epoch == e
-            out[mask] = self._order(int(e))[offset[mask]]
+            out[mask] = _epoch_permutation(self._n, self._seed, int(e))[offset[mask]]
         return out
+
+
+# Module-level so that it is thread-safe and nothing unpicklable hangs off the iterator. A
+# batch touches at most two epochs unless it is longer than the dataset; a few more are
+# kept because threads prefetch batches in parallel and several iterators may be live.
+@functools.lru_cache(maxsize=8)
+def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    order.flags.writeable = False
+    return order
+
+
+class _Fetch:
+    """``step -> local batch``: what every thread or worker process runs.
+
+    A top-level class (not a closure) so that it pickles by reference into workers.
+    """
+
+    def __init__(
+        self,
+        source: DataSource,
+        indices: _BatchIndices,
+        transform: BatchTransform | None,
+        augment: Augmentation | None,
+        seed: int,
+    ) -> None:
+        self.source = source
+        self.indices = indices
+        self.transform = transform
+        self.augment = augment
+        self.seed = seed
+
+    def __call__(self, step: int) -> Batch:
+        positions = self.indices.positions(step)
+        idx = self.indices.examples(positions)
+        if hasattr(self.source, "get_batch"):
+            batch = self.source.get_batch(idx)
+        else:
+            batch = stack_examples([self.source[int(i)] for i in idx])
+        if self.transform is not None:
+            batch = self.transform(batch)
+        if self.augment is not None:
+            batch = self.augment(batch, augment_keys(self.seed, positions))
+        return batch
+
+
+# Iterators with live workers, closed at exit before module teardown: grain's own cleanup
+# in __del__ would otherwise run after the modules it needs are gone and print errors.
+_LIVE: weakref.WeakSet[BatchIterator] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+    for it in list(_LIVE):
+        it.close()
+
+
+class BatchIterator(grain.DatasetIterator):
+    """Checkpointable iterator over the batches of :func:`make_iterator`.
+
+    It owns a grain pipeline that starts at the current step and rebuilds it on
+    :meth:`set_state`, so its state is ``{"next_index": step}`` alone (grain's own
+    multi-worker state would record the worker count). Workers start on the first
+    ``next`` (or :meth:`start_prefetch`) and stop on :meth:`close`, on ``set_state`` and
+    when the iterator is garbage collected.
+    """
+
+    def __init__(
+        self, fetch: _Fetch, *, num_steps: int, workers: int, threads: int, prefetch: int
+    ) -> None:
+        super().__init__()
+        self._fetch = fetch
+        self._num_steps = num_steps
+        self._workers = workers
+        self._threads = threads
+        self._prefetch = prefetch
+        self._step = 0
+        self._inner: grain.DatasetIterator | None = None
+
+    def _build(self) -> grain.DatasetIterator:
+        dataset = grain.MapDataset.range(self._step, self._num_steps).map(self._fetch)
+        if self._workers == 0:
+            options = grain.ReadOptions(
+                num_threads=self._threads, prefetch_buffer_size=self._prefetch
+            )
+            return iter(dataset.to_iter_dataset(options))
+        # grain 0.2.18 reads an absl flag when starting workers and fails if the program
+        # never parsed flags (any script not run by absl.app; google/grain#1355). Parsing
+        # later (absl.app.run) still works after this.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        # Each worker computes every ``workers``-th batch and grain interleaves them back
+        # in order; the threads (if any) overlap file reads inside each worker.
+        options = grain.ReadOptions(num_threads=self._threads, prefetch_buffer_size=self._threads)
+        mp_options = grain.MultiprocessingOptions(
+            num_workers=self._workers,
+            per_worker_buffer_size=max(1, -(-self._prefetch // self._workers)),
+        )
+        _LIVE.add(self)
+        return iter(dataset.to_iter_dataset(options).mp_prefetch(mp_options))
+
+    def __next__(self) -> Batch:
+        self._assert_not_closed()
+        if self._step >= self._num_steps:
+            raise StopIteration
+        if self._inner is None:
+            self._inner = self._build()
+        batch = next(self._inner)
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        """``{"next_index": step}``: the number of batches produced so far."""
+        return {"next_index": self._step}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Resumes at ``state["next_index"]``, as returned by :meth:`get_state`.
+
+        Raises:
+            InvalidArgumentError: If ``state`` is not ``{"next_index": <int >= 0>}``.
+        """
+        step = state.get("next_index") if isinstance(state, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+            raise InvalidArgumentError(
+                f"data iterator state {state!r} is not {{'next_index': <step >= 0>}}: pass "
+                "a state returned by get_state() of a make_iterator iterator"
+            )
+        if int(step) != self._step:  # the running pipeline (and its workers) stays valid
+            self._close_inner()
+            self._step = int(step)
+
+    def start_prefetch(self) -> None:
+        """Starts reading (and the workers) before the first ``next``."""
+        self._assert_not_closed()
+        if self._inner is None and self._step < self._num_steps:
+            self._inner = self._build()
+            self._inner.start_prefetch()
+
+    def _close_inner(self) -> None:
+        if self._inner is not None:
+            self._inner.close()
+            self._inner = None
+
+    def close(self) -> None:
+        """Stops the worker processes and threads; idempotent."""
+        self._close_inner()
+        self._closed = True
+
+    def __str__(self) -> str:
+        return (
+            f"BatchIterator(next_index={self._step}, workers={self._workers}, "
+            f"threads={self._threads}, prefetch={self._prefetch})"
+        )
 
 
 def _resolve_processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -93,11 +297,16 @@ def _resolve_processes(process_index: int | None, process_count: int | None) -> 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"need 0 <= process_index < process_count, got process_index={process_index}, "
             f"process_count={process_count}"
         )
     return process_index, process_count
+
+
+def _check_count(name: str, value: Any, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgumentError(f"{name}={value!r} must be an integer >= 0; {fix}")
 
 
 def make_iterator(
@@ -110,16 +319,18 @@ def make_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     transform: BatchTransform | None = None,
-    random_transform: RandomBatchTransform | None = None,
-    read_options: grain.ReadOptions | None = None,
-) -> grain.DatasetIterator:
+    augment: Augmentation | None = None,
+    workers: int = 0,
+    threads: int | None = None,
+    prefetch: int | None = None,
+) -> BatchIterator:
     """Builds a deterministic, checkpointable iterator of this process's batches.
 
     Args:
         source: Random-access source (``__len__``, ``__getitem__``; ``get_batch`` is used
             when present), e.g. from :func:`get_dataset`.
         global_batch_size: Batch size summed over all processes.
-        seed: Non-negative seed for the shuffle order (and ``random_transform``).
+        seed: Non-negative seed for the shuffle order and the augmentation keys.
         shuffle: Whether to reshuffle every epoch; if ``False``, source order is kept.
         num_epochs: Passes over the data; ``None`` repeats forever. A finite run yields
             ``num_epochs * len(source) // global_batch_size`` batches (epochs run into
@@ -127,41 +338,63 @@ def make_iterator(
         process_index: This process; defaults to ``jax.process_index()``.
         process_count: Number of processes; defaults to ``jax.process_count()``.
         transform: Optional deterministic ``batch -> batch`` function applied to every
-            local batch on the host.
-        random_transform: Optional ``(batch, np.random.Generator) -> batch`` (e.g.
-            :func:`random_flip_left_right`); its generator is seeded by ``seed``, the
-            process and the step, so it is reproducible and checkpoint-safe.
-        read_options: grain prefetch settings. Defaults: no threads for in-memory
-            :class:`ArraySource` (a gather is microseconds), 8 threads and 16 batches of
-            prefetch for other sources (file reads).
+            local batch on the host (in the workers when ``workers > 0``).
+        augment: Optional ``(batch, keys) -> batch`` augmentation following the protocol
+            of the module docstring (e.g. :func:`random_flip`), applied after
+            ``transform``; keys come from the seed and each example's global position.
+        workers: Worker processes that read, decode, transform and augment batches; 0
+            does it all in this process. Use workers for CPU-heavy sources (image
+            decoding); an in-memory :class:`ArraySource` gains nothing (each worker gets
+            a copy of its arrays). The source, ``transform`` and ``augment`` must pickle.
+        threads: Reading threads per process (this one, or each worker). Defaults: 0 for
+            an in-memory :class:`ArraySource`, 8 for other sources with ``workers=0``
+            (file reads; Pillow decodes outside the GIL), 0 in workers.
+        prefetch: Batches prepared ahead of the consumer, in total over the workers.
+            Defaults: 0 for an in-memory source read in this process, 16 with threads,
+            ``2 * workers`` with workers.
 
     Returns:
-        A grain ``DatasetIterator`` yielding local batches ``{"image": float32
-        [global_batch_size // process_count, ...], "label": int32 [...]}``; it supports
-        ``get_state()`` / ``set_state(state)`` (a JSON-serialisable dict) and orbax via
-        ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``.
+        A :class:`BatchIterator` (a grain ``DatasetIterator``) yielding local batches
+        ``{"image": [global_batch_size // process_count, ...], "label": int32 [...]}``;
+        ``get_state()`` is ``{"next_index": step}`` (JSON), ``set_state(state)`` resumes
+        with any ``workers`` / ``process_count``, orbax works via
+        ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``, and ``close()``
+        stops the workers.
 
     Raises:
-        ValueError: If the batch size does not divide evenly over processes, the source
-            is smaller than the number of processes, or another argument is invalid.
+        InvalidArgumentError: If the batch size does not divide evenly over processes,
+            the source is empty, or another argument is invalid.
     """
     process_index, process_count = _resolve_processes(process_index, process_count)
     if global_batch_size < 1 or global_batch_size % process_count:
         suggestion = max(1, -(-global_batch_size // process_count)) * process_count
-        raise ValueError(
+        raise InvalidArgumentError(
             f"global_batch_size={global_batch_size} must be a positive multiple of "
             f"process_count={process_count} (each process loads an equal share); use "
             f"e.g. global_batch_size={suggestion}"
         )
     if seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        raise InvalidArgumentError(f"seed must be a non-negative integer, got {seed}")
+    for name, fn in (("transform", transform), ("augment", augment)):
+        if fn is not None and not callable(fn):
+            raise InvalidArgumentError(
+                f"{name}={fn!r} is not callable: pass a function such as random_flip"
+            )
+    _check_count("workers", workers, "use 0 to read in this process")
+    in_memory = isinstance(source, ArraySource)
+    if threads is None:
+        threads = 8 if workers == 0 and not in_memory else 0
+    if prefetch is None:
+        prefetch = 2 * workers if workers else (16 if threads else 0)
+    _check_count("threads", threads, "use 0 for no reading threads")
+    _check_count("prefetch", prefetch, "use 0 for no prefetching")
     num_examples = len(source)
     if num_examples == 0:
-        raise ValueError("source has no examples")
+        raise InvalidArgumentError("source has no examples: pass a non-empty dataset")
     if num_epochs is None:
         num_steps = _ENDLESS_STEPS
     elif num_epochs < 1 or (num_steps := num_epochs * num_examples // global_batch_size) == 0:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"num_epochs={num_epochs} over {num_examples} examples gives no full global "
             f"batch of {global_batch_size}; use num_epochs=None or a smaller batch"
         )
@@ -173,122 +406,17 @@ def make_iterator(
         shard=process_index,
         shards=process_count,
     )
-
-    def fetch(step: int) -> Batch:
-        idx = indices(step)
-        if hasattr(source, "get_batch"):
-            batch = source.get_batch(idx)
-        else:
-            batch = stack_examples([source[int(i)] for i in idx])
-        return batch if transform is None else transform(batch)
-
-    dataset = grain.MapDataset.range(num_steps).map(fetch)
-    if random_transform is not None:
-        # Fold the process in so that processes do not draw identical augmentations.
-        aug_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
-        dataset = dataset.random_map(random_transform, seed=aug_seed)
-    if read_options is None:
-        in_memory = isinstance(source, ArraySource)
-        read_options = grain.ReadOptions(
-            num_threads=0 if in_memory else 8, prefetch_buffer_size=0 if in_memory else 16
-        )
-    return iter(dataset.to_iter_dataset(read_options))
-
-
-def random_flip_left_right(batch: Batch, rng: np.random.Generator) -> Batch:
-    """Flips each image of an ``[B, H, W, C]`` batch horizontally with probability 1/2.
-
-    Args:
-        batch: Batch with an ``"image"`` entry of rank 4.
-        rng: Generator (supplied by :func:`make_iterator`'s ``random_transform``).
-
-    Returns:
-        A new batch dict with some images mirrored; other entries are unchanged.
-    """
-    image = batch["image"]
-    flip = rng.random(image.shape[0]) < 0.5
-    return {**batch, "image": np.where(flip[:, None, None, None], image[:, :, ::-1], image)}
-
-
-#: Points pre-sampled per split for the 2-D toys (fixed seeds; see :func:`get_dataset`).
-TOY_SPLIT_SIZES = {"train": 100_000, "test": 10_000}
-_TOY_SAMPLERS: dict[str, Callable[[int, int], tuple[np.ndarray, np.ndarray]]] = {
-    "toy_gmm": lambda n, seed: toys.sample_gaussian_mixture(n, seed),
-    "moons": lambda n, seed: toys.sample_two_moons(n, seed),
-    "checkerboard": lambda n, seed: toys.sample_checkerboard(n, seed),
-}
-_TOY_NUM_CLASSES = {"toy_gmm": 8, "moons": 2, "checkerboard": 2}
-_ALIASES = {"gmm": "toy_gmm"}
-#: ``"synthetic_latents"``: fixed random 32x32x4 "latents" with 1000 classes, for DiT
-#: throughput runs that need no data (the values carry no signal).
-SYNTHETIC_LATENTS = {"num_examples": 4096, "shape": (32, 32, 4), "num_classes": 1000}
-
-
-def _synthetic_latents(split: str) -> ArraySource:
-    rng = np.random.default_rng(0 if split == "train" else 1)
-    n, shape, classes = (SYNTHETIC_LATENTS[k] for k in ("num_examples", "shape", "num_classes"))
-    image = rng.standard_normal((n, *shape), dtype=np.float32)
-    label = rng.integers(0, classes, n).astype(np.int32)
-    return ArraySource(image, label, name="synthetic_latents", split=split, num_classes=classes)
-
-
-def dataset_names() -> list[str]:
-    """Names accepted by :func:`get_dataset` (besides any ``"tfds:<name>"``)."""
-    return sorted(
-        ["digits", "synthetic_latents", *_TOY_SAMPLERS, *_ALIASES, *KNOWN_TFDS, *TFDS_ALIASES]
+    fetch = _Fetch(source, indices, transform, augment, seed)
+    return BatchIterator(
+        fetch, num_steps=num_steps, workers=workers, threads=threads, prefetch=prefetch
     )
 
 
-def get_dataset(name: str, *, split: str = "train", data_dir: str | None = None) -> DataSource:
-    """Returns a dataset split as a random-access source with ``.info`` metadata.
-
-    * ``"digits"``: scikit-learn 8x8 digits, ``[8, 8, 1]`` in [-1, 1], 10 classes; splits
-      ``"train"`` / ``"test"`` / ``"all"`` (see :mod:`jaxdiff.data.digits`).
-    * ``"toy_gmm"`` (alias ``"gmm"``), ``"moons"``, ``"checkerboard"``: 2-D toys with
-      default parameters (:func:`jaxdiff.data.toys.ring_gaussian_mixture` etc.), stored
-      as ``"image"`` ``[2]``. Finite sets pre-sampled with fixed seeds: 100,000 points for
-      ``"train"`` (seed 0), 10,000 for ``"test"`` (seed 1).
-    * ``"synthetic_latents"``: 4,096 fixed random ``[32, 32, 4]`` arrays with 1,000 labels,
-      for throughput runs of latent models without data.
-    * Known TFDS names (``"cifar10"``, ``"mnist"``, ``"imagenet_resized/32x32"``, ...) and
-      ``"tfds:<any tfds name>"``: read from ``data_dir`` via :func:`load_tfds`.
-
-    Args:
-        name: Dataset name; see :func:`dataset_names`.
-        split: Split name (any TFDS split string for TFDS datasets).
-        data_dir: Prepared TFDS data folder (TFDS datasets only).
-
-    Returns:
-        A source for :func:`make_iterator`; ``source.info`` holds ``image_shape``,
-        ``num_classes`` and ``num_examples``.
-
-    Raises:
-        ValueError: If the name or split is unknown.
-        DatasetNotPreparedError: If a TFDS dataset is not prepared in ``data_dir``.
-    """
-    canonical = _ALIASES.get(name, name)
-    if canonical == "digits":
-        images, labels = digits.load_digits(split)
-        return ArraySource(
-            images, labels, name="digits", split=split, num_classes=digits.NUM_CLASSES
-        )
-    if canonical == "synthetic_latents":
-        return _synthetic_latents(split)
-    if canonical in _TOY_SAMPLERS:
-        if split not in TOY_SPLIT_SIZES:
-            raise ValueError(
-                f"unknown split {split!r} for {name!r}; use one of {[*TOY_SPLIT_SIZES]}"
-            )
-        seed = 0 if split == "train" else 1
-        points, labels = _TOY_SAMPLERS[canonical](TOY_SPLIT_SIZES[split], seed)
-        return ArraySource(
-            points, labels, name=canonical, split=split, num_classes=_TOY_NUM_CLASSES[canonical]
-        )
-    if canonical.startswith("tfds:"):
-        return load_tfds(canonical.removeprefix("tfds:"), split=split, data_dir=data_dir)
-    if canonical in KNOWN_TFDS or canonical in TFDS_ALIASES:
-        return load_tfds(canonical, split=split, data_dir=data_dir)
-    raise ValueError(
-        f"unknown dataset {name!r}; known names: {dataset_names()}, or 'tfds:<name>' for "
-        "any other TFDS dataset"
-    )
+__all__ = [
+    "Augmentation",
+    "BatchIterator",
+    "BatchTransform",
+    "augment_keys",
+    "make_iterator",
+    "random_flip",
+]

@@ -6,7 +6,11 @@ jaxdiff never downloads (``download=False``). A dataset that is not prepared rai
 :class:`DatasetNotPreparedError`, whose message says where it looked and how to prepare
 the data on a machine with TensorFlow and network access.
 
-Images (uint8) become float32 HWC in [-1, 1] (``x / 127.5 - 1``); labels become int32.
+uint8 images become float32 HWC in [-1, 1] (``x / 127.5 - 1``); any other numeric image
+feature (e.g. float latents extracted by a VAE) is returned as float32 exactly as stored,
+since such arrays carry their own scale. Labels become int32. Batches are read with one
+``__getitems__`` call when the data source has it (TFDS ArrayRecord sources do), so the
+per-record work happens inside ArrayRecord instead of a Python loop here.
 ``tensorflow_datasets`` is imported lazily, so ``import jaxdiff.data`` stays fast.
 """
 
@@ -26,7 +30,8 @@ class TfdsSpec:
     """How to read one TFDS dataset.
 
     Attributes:
-        image_key: Feature holding the uint8 image.
+        image_key: Feature holding the image: uint8 (mapped to [-1, 1]) or any other
+            numeric dtype (returned as float32 as stored).
         label_key: Feature holding the integer class label, or ``None`` if unlabelled.
         num_classes: Number of classes; ``None`` means "read it from the dataset info".
         image_shape: ``(H, W, C)``; ``None`` means "read it from the data".
@@ -119,15 +124,20 @@ def _open_data_source(name: str, split: str, data_dir: str | None) -> Any:
         raise DatasetNotPreparedError(_not_prepared_message(name, split, data_dir, err)) from err
 
 
-def _to_unit_range(image: np.ndarray) -> np.ndarray:
-    return image.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+def _to_float32(image: np.ndarray) -> np.ndarray:
+    # uint8 means pixels: map them to the [-1, 1] every image model expects. Any other
+    # dtype (float latents, int16 scans, ...) is data with its own scale: keep it as is.
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+    return image.astype(np.float32)
 
 
 class TfdsSource:
     """Random-access source over a TFDS ArrayRecord dataset, normalised for diffusion.
 
-    Use :func:`load_tfds` to build one. Examples are ``{"image": float32 [H, W, C] in
-    [-1, 1], "label": int32 []}`` (no ``"label"`` for unlabelled datasets).
+    Use :func:`load_tfds` to build one. Examples are ``{"image": float32 [H, W, C],
+    "label": int32 []}`` (no ``"label"`` for unlabelled datasets); uint8 images are mapped
+    to [-1, 1], other numeric image features (float latents) are kept as stored.
 
     Attributes:
         info: Dataset metadata.
@@ -149,10 +159,12 @@ class TfdsSource:
                         "label_key=...)) naming the right ones (label_key=None if unlabelled)."
                     )
             image = np.asarray(first[spec.image_key])
-            if image.dtype != np.uint8:
+            if image.dtype.kind not in "biuf":
                 raise ValueError(
                     f"TFDS dataset {name!r}: feature {spec.image_key!r} has dtype "
-                    f"{image.dtype}; only uint8 images are supported"
+                    f"{image.dtype}; the image feature must be numeric (uint8 pixels, or "
+                    "float arrays such as latents): pass TfdsSpec(image_key=...) naming "
+                    "a decoded image or tensor feature"
                 )
             shape = shape or self._hwc(image).shape
         if num_classes is None and spec.label_key is not None:
@@ -180,23 +192,37 @@ class TfdsSource:
         """Number of examples in the split."""
         return len(self._source)
 
-    def _raw(self, index: int) -> tuple[np.ndarray, Any]:
-        record = self._source[int(index)]
+    def _raw(self, record: Any) -> tuple[np.ndarray, Any]:
         image = self._hwc(np.asarray(record[self.spec.image_key]))
         label = None if self.spec.label_key is None else record[self.spec.label_key]
         return image, label
 
+    def _read(self, indices: np.ndarray) -> list[Any]:
+        keys = [int(i) for i in np.asarray(indices).reshape(-1)]
+        getitems = getattr(self._source, "__getitems__", None)
+        if getitems is None:  # e.g. a plain Python sequence: one record at a time
+            return [self._source[k] for k in keys]
+        # One call for the whole batch: ArrayRecord groups the keys by file and reads them
+        # in parallel, far faster than a Python loop of single reads.
+        records = list(getitems(keys))
+        if len(records) != len(keys):
+            raise IndexError(
+                f"TFDS dataset {self.info.name!r}: asked for {len(keys)} records, the data "
+                f"source returned {len(records)}"
+            )
+        return records
+
     def __getitem__(self, index: int) -> Batch:
-        """Returns example ``index`` with the image in [-1, 1]."""
-        image, label = self._raw(index)
-        example = {"image": _to_unit_range(image)}
+        """Returns example ``index`` (uint8 images in [-1, 1], others as stored)."""
+        image, label = self._raw(self._source[int(index)])
+        example = {"image": _to_float32(image)}
         if label is not None:
             example["label"] = np.asarray(label, dtype=np.int32)
         return example
 
     def get_batch(self, indices: np.ndarray) -> Batch:
-        """Reads the examples at ``indices`` and normalises them as one array."""
-        raws = [self._raw(i) for i in indices]
+        """Reads the examples at ``indices`` in one call and converts them as one array."""
+        raws = [self._raw(record) for record in self._read(indices)]
         try:
             images = np.stack([image for image, _ in raws])
         except ValueError as err:
@@ -205,7 +231,7 @@ class TfdsSource:
                 f"TFDS dataset {self.info.name!r} has images of different shapes {shapes}; "
                 "only fixed-size images can be batched (use a resized variant)"
             ) from err
-        batch = {"image": _to_unit_range(images)}
+        batch = {"image": _to_float32(images)}
         if self.spec.label_key is not None:
             batch["label"] = np.asarray([label for _, label in raws], dtype=np.int32)
         return batch

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -17,7 +16,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from jaxdiff.data import get_dataset, make_iterator
+from jaxdiff.data import Augmentation, EdmAugment, get_dataset, make_iterator, random_flip
 from jaxdiff.diffusion import Formulation, get_formulation
 from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.models import create_model
@@ -25,6 +24,7 @@ from jaxdiff.parallel import batch_size_per_device_check, make_mesh
 from jaxdiff.training.checkpoint import Checkpointer
 from jaxdiff.training.lock import WorkdirLock
 from jaxdiff.training.optim import make_optimizer
+from jaxdiff.utils import storage
 
 RUN_KEY = "_run"
 """Key of the run metadata (classes, sample shape) stored in every checkpoint's config."""
@@ -109,8 +109,17 @@ def build_data(
         InvalidArgumentError: for a conditional config on a dataset without labels.
     """
     dc = config.data if data_config is None else data_config
-    source = get_dataset(dc.name, split="train", data_dir=dc.get("data_dir"))
-    conditional = bool(dc.get("conditional", True))
+    source = get_dataset(
+        dc.name,
+        split="train",
+        data_dir=dc.get("data_dir"),
+        path=dc.get("path"),
+        image_size=dc.get("image_size"),
+        skip_corrupt=bool(dc.get("skip_corrupt", False)),
+    )
+    conditional = dc.get("conditional", True)
+    if conditional is None:  # "auto": class-conditional exactly when the data has labels
+        conditional = bool(source.info.num_classes)
     if conditional and not source.info.num_classes:
         raise InvalidArgumentError(
             f"config.data.conditional=True but dataset {dc.name!r} has no labels: "
@@ -122,8 +131,56 @@ def build_data(
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        augment=build_augmentation(config, dc),
+        workers=_workers(dc),
     )
     return source, data, (source.info.num_classes or 0) if conditional else 0
+
+
+def _workers(dc: ml_collections.ConfigDict) -> int:
+    workers = dc.get("workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise InvalidArgumentError(
+            f"config.data.workers={workers!r} must be an integer >= 0 (input worker "
+            "processes; 0 decodes in the training process): set --config.data.workers=N"
+        )
+    return workers
+
+
+def build_augmentation(
+    config: ml_collections.ConfigDict, dc: ml_collections.ConfigDict
+) -> Augmentation | None:
+    """The host-side augmentation ``config.data`` asks for, checked against the model.
+
+    ``data.random_flip`` mirrors half the images; ``data.augment="edm"`` is EDM's
+    non-leaking pipeline at probability ``data.augment_p``, whose labels the network must
+    take (``model.augment_dim=9``).
+
+    Raises:
+        InvalidArgumentError: for an unknown augmentation, flip together with ``edm`` (it
+            flips already), or a model that cannot see EDM's augment labels.
+    """
+    name, flip = dc.get("augment", "") or "", bool(dc.get("random_flip", False))
+    if name not in ("", "edm"):
+        raise InvalidArgumentError(
+            f"unknown config.data.augment={name!r}: use 'edm' (EDM's augmentation pipe) "
+            "or '' for none"
+        )
+    if not name:
+        return random_flip if flip else None
+    if flip:
+        raise InvalidArgumentError(
+            "config.data.augment='edm' already flips images: set --config.data.random_flip=False"
+        )
+    augment = EdmAugment(p=float(dc.get("augment_p", 0.12)))
+    dim = config.model.get("augment_dim", 0)
+    if dim != augment.label_dim:
+        raise InvalidArgumentError(
+            f"config.data.augment='edm' feeds {augment.label_dim} augment labels to the "
+            f"network, but config.model.augment_dim={dim}: set "
+            f"--config.model.augment_dim={augment.label_dim} (UNet only)"
+        )
+    return augment
 
 
 def lock_workdir(workdir: str | os.PathLike) -> contextlib.AbstractContextManager:
@@ -134,13 +191,14 @@ def lock_workdir(workdir: str | os.PathLike) -> contextlib.AbstractContextManage
     Raises:
         InvalidArgumentError: if ``workdir`` is a file or cannot be created or written.
     """
-    path = os.fspath(workdir)
-    if "://" not in path:
+    path = storage.to_str(workdir)
+    if not storage.is_remote(path):
         try:
-            Path(path).mkdir(parents=True, exist_ok=True)
-            probe = Path(path) / f".jaxdiff.write-test.{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
+            os.makedirs(path, exist_ok=True)
+            probe = os.path.join(path, f".jaxdiff.write-test.{os.getpid()}")
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
         except OSError as e:
             raise InvalidArgumentError(
                 f"--workdir={path} cannot be used as a run directory ({type(e).__name__}: "

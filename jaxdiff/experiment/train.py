@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from jaxdiff.data.augment import AUGMENT_LABEL
 from jaxdiff.diffusion import Formulation
 from jaxdiff.experiment.builders import (
     RUN_KEY,
@@ -47,6 +48,7 @@ from jaxdiff.training.loop import Hook, run_loop
 from jaxdiff.training.state import TrainState, abstract_state, ema_key, make_state_fns
 from jaxdiff.training.step import jit_train_step, make_train_step
 from jaxdiff.training.writers import create_default_writer
+from jaxdiff.utils import storage
 from jaxdiff.utils.images import save_image_grid
 from jaxdiff.utils.plots import render_points
 
@@ -90,6 +92,8 @@ class Experiment:
         out = {"image": batch["image"]}
         if self.num_classes > 0:
             out["label"] = batch["label"]
+        if AUGMENT_LABEL in batch:  # what an augmentation did, for a network that sees it
+            out[AUGMENT_LABEL] = batch[AUGMENT_LABEL]
         return out
 
 
@@ -166,7 +170,7 @@ def make_grid_hook(
     view: TrainedModel,
     spec: SamplerSpec,
     params_of: Callable[[Any], Any],
-    workdir: Path,
+    workdir: str,
     name: str = "step_{step:06d}.png",
 ) -> Hook | None:
     """Writes ``config.sample.grid_size`` samples to ``workdir/samples`` (None if 0).
@@ -191,14 +195,14 @@ def make_grid_hook(
         if len(view.sample_shape) == 1:  # 2-D toy points: a density image instead
             images = render_points(images)[None]
         if is_main_process():
-            path = workdir / "samples" / name.format(step=step)
+            path = storage.join(workdir, "samples", name.format(step=step))
             save_image_grid(path, images, scale=int(config.sample.grid_scale))
             log.info("wrote samples to %s", path)
 
     return Hook("samples", int(config.train.get("sample_every", 0)), write)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainState:
     """Trains a diffusion model as ``config`` says, checkpointing and sampling in ``workdir``.
 
     Args:
@@ -216,20 +220,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     tc = config.train
     params_of = first_ema(tc.ema_rates)
     hooks = [
-        make_grid_hook(config, exp.view, exp.sampler, params_of, Path(workdir)),
+        make_grid_hook(config, exp.view, exp.sampler, params_of, storage.to_str(workdir)),
         make_eval_hook(config, exp.view, exp.sampler, params_of),
     ]
-    workdir = Path(workdir)
+    workdir = storage.to_str(workdir)
     with contextlib.ExitStack() as stack:
         stack.enter_context(lock_workdir(workdir))
         ckpt = stack.enter_context(
-            Checkpointer(workdir / "checkpoints", max_to_keep=tc.keep_checkpoints, quarantine=True)
+            Checkpointer(
+                storage.join(workdir, "checkpoints"),
+                max_to_keep=tc.keep_checkpoints,
+                quarantine=True,
+            )
         )
         state, start = init_state(exp, ckpt)
         check_resume(ckpt, start, tc.num_steps)
         writer = create_default_writer(workdir, just_logging=not is_main_process())
         stack.callback(writer.close)
         stack.callback(writer.flush)
+        stack.callback(exp.data.close)  # stops input worker processes at once
         if start == 0:
             writer.write_hparams(config.to_dict())
         train_step = jit_train_step(

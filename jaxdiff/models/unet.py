@@ -18,7 +18,8 @@ Residual blocks: GroupNorm -> SiLU -> conv -> GroupNorm modulated by the embeddi
 (adaptive scale/shift, ADM's ``use_scale_shift_norm``) -> SiLU -> dropout ->
 zero-initialised conv; the sum with the (1x1-projected) input is scaled by 1/sqrt(2)
 (DDPM++) to keep activations' variance from growing with depth. The conditioning
-embedding (width ``4 * ch``) is the sum of the noise-level and class embeddings.
+embedding (width ``4 * ch``) is the sum of the noise-level and class embeddings, plus,
+with ``augment_dim > 0``, a bias-free linear map of the augmentation labels.
 
 Logical axes follow :mod:`jaxdiff.models.layers`: conv kernels are
 ``("conv_h", "conv_w", "embed", "mlp")`` whatever the in/out widths.
@@ -198,6 +199,9 @@ class UNet(nn.Module):
       attention_impl: ``implementation=`` of ``jax.nn.dot_product_attention``.
       pag_layers: Attention layers perturbed by ``"pag"``; None = ``("mid",)``.
       skip_layers: Attention layers skipped by ``"slg"``; None = ``("mid",)``.
+      augment_dim: Width of the augmentation labels the network is conditioned on (EDM's
+        non-leaking augmentation, :class:`jaxdiff.data.augment.EdmAugment`: 9); 0 = none,
+        and no parameter is created.
       dtype: Compute dtype.
       param_dtype: Parameter dtype.
     """
@@ -216,6 +220,7 @@ class UNet(nn.Module):
     attention_impl: str | None = None
     pag_layers: tuple[int | str, ...] | None = None
     skip_layers: tuple[int | str, ...] | None = None
+    augment_dim: int = 0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -227,6 +232,40 @@ class UNet(nn.Module):
                 f"{field} {bad} name no attention layer; use 'mid' or one of {sorted(resolutions)}"
             )
         return frozenset(chosen)
+
+    def _augment_embedding(
+        self, augment_label: jax.Array | None, batch: int, features: int, kw: dict
+    ) -> jax.Array | None:
+        """Bias-free linear map of the augmentation labels into the embedding (EDM).
+
+        EDM's SongUNet adds ``map_augment(labels)`` to the noise features *before* its
+        mapping MLP; here it joins the class embedding *after* the noise MLP, the point
+        where this U-Net already injects conditioning (the noise MLP lives in
+        :class:`NoiseEmbedding`). Every residual block still reads the sum through
+        ``SiLU -> Dense``, so the labels steer the whole network either way. Without bias,
+        zero labels add exactly zero: sampling without labels is the un-augmented model.
+        """
+        if self.augment_dim < 0:
+            raise ValueError(f"augment_dim={self.augment_dim} must be >= 0 (0 = no labels)")
+        if self.augment_dim == 0:
+            if augment_label is not None:
+                raise ValueError(
+                    f"got augment_label of shape {jnp.shape(augment_label)} but augment_dim=0: "
+                    f"build the UNet with augment_dim={jnp.shape(augment_label)[-1]} to "
+                    "condition on the augmentation, or do not augment"
+                )
+            return None
+        if augment_label is None:
+            # Created even without labels, so init and sampling see the trained tree.
+            augment_label = jnp.zeros((batch, self.augment_dim), self.dtype)
+        if jnp.shape(augment_label) != (batch, self.augment_dim):
+            raise ValueError(
+                f"augment_label has shape {jnp.shape(augment_label)}, expected "
+                f"({batch}, augment_dim={self.augment_dim}): match augment_dim to the "
+                "augmentation's label_dim"
+            )
+        mapping = dense(features, (None, "embed"), use_bias=False, name="augment_embed", **kw)
+        return mapping(jnp.asarray(augment_label, self.dtype))
 
     def _capture(self, name: str, h: jax.Array) -> None:
         # Sown only when the caller asks: apply(..., mutable=["intermediates"]).
@@ -242,6 +281,7 @@ class UNet(nn.Module):
         *,
         train: bool = False,
         variant: str | None = None,
+        augment_label: jax.Array | None = None,
     ) -> jax.Array:
         """Predicts the network output for noisy images.
 
@@ -251,12 +291,15 @@ class UNet(nn.Module):
           cond: int32 ``[B]`` class labels or None (null class).
           train: Enables dropout (rng collection ``"dropout"``).
           variant: Static: None, ``"pag"`` or ``"slg"`` (see the class docstring).
+          augment_label: ``[B, augment_dim]`` float augmentation labels of the training
+            batch, or None (sampling): the same as zeros, i.e. "not augmented".
 
         Returns:
           ``[B, H, W, C]`` float32.
 
         Raises:
-          ValueError: Unknown variant/resample, bad layer names or image size.
+          ValueError: Unknown variant/resample, bad layer names or image size, or
+            augmentation labels that do not match ``augment_dim``.
         """
         check_variant(variant)
         if self.resample not in RESAMPLES:
@@ -285,6 +328,9 @@ class UNet(nn.Module):
         )(jnp.broadcast_to(noise_label, (b,)))
         if self.num_classes > 0:
             emb = emb + ClassEmbedding(self.num_classes, emb_dim, name="class_embed", **kw)(cond, b)
+        augment = self._augment_embedding(augment_label, b, emb_dim, kw)
+        if augment is not None:  # nothing at all is added when augment_dim=0
+            emb = emb + augment
 
         h = conv(self.ch, name="conv_in", **kw)(x.astype(self.dtype))
         skips = [h]

@@ -18,6 +18,10 @@ from jaxdiff.training.state import TrainState, update_ema
 Batch = dict[str, jax.Array]
 StepFn = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
 
+AUGMENT_LABEL = "augment_label"
+"""Batch key of augmentation labels (:data:`jaxdiff.data.augment.AUGMENT_LABEL`); when
+present they are passed to the model as ``augment_label=`` (sampling never passes any)."""
+
 
 def drop_labels(key: jax.Array, labels: jax.Array, null_class: int, rate: float) -> jax.Array:
     """Replaces each label by the null class with probability ``rate`` (CFG training)."""
@@ -32,6 +36,10 @@ def make_loss_fn(
 ) -> Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]:
     """Returns ``loss_fn(params, batch, key) -> (loss, aux)`` for denoising training.
 
+    A batch with an ``"augment_label"`` entry (augmented images, see
+    :class:`jaxdiff.data.augment.EdmAugment`) has it passed to every network call as
+    ``augment_label=``; the model must then have ``augment_dim > 0``.
+
     Args:
         model: a jaxdiff model (``__call__(x, noise_label, cond, *, train)``).
         formulation: how the network is preconditioned and its loss weighted.
@@ -44,10 +52,27 @@ def make_loss_fn(
         labels = None
         if num_classes > 0:
             labels = drop_labels(k_drop, batch["label"], num_classes, label_dropout)
+        # The labels ride in the network closure rather than through the formulation: they
+        # describe x0 (not the noise level), and D(x, sigma) needs no change to carry them.
+        extra = {}
+        if AUGMENT_LABEL in batch:
+            if getattr(model, "augment_dim", 0) <= 0:
+                raise ValueError(
+                    f"the batch has {AUGMENT_LABEL!r} {batch[AUGMENT_LABEL].shape} but "
+                    f"{type(model).__name__} takes no augmentation labels: set the model's "
+                    "augment_dim to their width, or train without the augmentation"
+                )
+            extra[AUGMENT_LABEL] = batch[AUGMENT_LABEL]
 
         def net(x_in, noise_label, cond):
             return model.apply(
-                {"params": params}, x_in, noise_label, cond, train=True, rngs={"dropout": k_net}
+                {"params": params},
+                x_in,
+                noise_label,
+                cond,
+                train=True,
+                rngs={"dropout": k_net},
+                **extra,
             )
 
         per_example = formulation.loss(net, batch["image"], k_loss, labels)

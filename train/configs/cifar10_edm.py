@@ -2,7 +2,9 @@
 
 Prepare the data once (needs TensorFlow and network) and pass its directory:
 ``python -m train --config=train/configs/cifar10_edm.py --config.data.data_dir=DIR``.
-EDM trains 200 Mimg at batch 512 with lr 1e-3, dropout 0.13, EMA half-life 0.5 Mimg.
+EDM trains 200 Mimg at batch 512 with lr 1e-3, dropout 0.13, EMA half-life 0.5 Mimg, and
+its non-leaking geometric augmentation (``--augment=0.12``): each transform with probability
+0.12, the network conditioned on the 9 augmentation labels (zeros when sampling).
 """
 
 from train.configs.common import base_config
@@ -11,12 +13,15 @@ from train.configs.common import base_config
 def get_config():
     c = base_config()
     c.data.name = "cifar10"
+    c.data.augment = "edm"  # jaxdiff.data.augment.EdmAugment with EDM's CIFAR-10 multipliers
+    c.data.augment_p = 0.12
     c.model.name = "unet"
     c.model.ch = 128
     c.model.ch_mult = (2, 2, 2)
     c.model.num_res_blocks = 4
     c.model.attn_resolutions = (16,)
     c.model.dropout = 0.13
+    c.model.augment_dim = 9  # EdmAugment().label_dim
     c.formulation.name = "edm"
     c.optim.learning_rate = 1e-3
     c.optim.warmup_steps = 20000  # EDM ramps the lr over 10 Mimg

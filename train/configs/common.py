@@ -9,8 +9,16 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "digits"
-    c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
-    c.data.conditional = True
+    c.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # prepared TFDS
+    # File datasets ("imagefolder", "arrayrecord", "npy"): a local path or gs:// URL.
+    c.data.path = ml_collections.FieldReference(None, field_type=str)
+    c.data.image_size = ml_collections.FieldReference(None, field_type=int)  # imagefolder
+    c.data.skip_corrupt = False  # imagefolder: skip unreadable images instead of failing
+    c.data.conditional = True  # imagefolder's config uses None: conditional iff labelled
+    c.data.random_flip = False  # left-right flips, seeded by the example's global index
+    c.data.augment = ""  # "edm": EDM's non-leaking augmentation (needs model.augment_dim=9)
+    c.data.augment_p = 0.12  # probability scale of the "edm" augmentations
+    c.data.workers = 0  # input worker processes (decode + augment); 0: in this process
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "unet"

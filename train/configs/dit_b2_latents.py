@@ -1,8 +1,30 @@
 """DiT-B/2 on 32x32x4 latents (ImageNet-256 through a VAE), flow matching.
 
-Reads pre-extracted latents from a tfds dataset with an ``image`` float feature of shape
-(32, 32, 4) (``--config.data.name=tfds:NAME --config.data.data_dir=DIR``); the default
-``synthetic_latents`` needs no data and is meant for throughput runs.
+The default dataset, ``synthetic_latents``, is fixed random ``[32, 32, 4]`` arrays with
+1,000 labels: it needs no files and is meant for throughput runs (the values carry no
+signal, so the samples are noise).
+
+To train on real latents, extract them once with your VAE (scaled to roughly unit
+variance, e.g. Stable Diffusion's ``0.18215`` factor: the data is used exactly as
+stored, with no ``[-1, 1]`` normalisation) and save them with numpy::
+
+    np.save("DIR/images.npy", latents)  # float16/float32 [N, 32, 32, 4]
+    np.save("DIR/labels.npy", labels)   # int [N], classes 0..num_classes-1
+
+then::
+
+    python -m train --config=train/configs/dit_b2_latents.py --workdir=RUN \\
+        --config.data.name=npy --config.data.path=DIR
+
+``DIR`` may be a local folder (memory-mapped, so the set need not fit in memory) or a
+``gs://`` URL (read whole into memory); a single ``.npy`` file trains unconditionally
+(add ``--config.data.conditional=False``). Large sets can instead be written as
+ArrayRecord shards with ``jaxdiff.data.shards.write_arrays`` and read with
+``--config.data.name=arrayrecord --config.data.path=DIR``. A TFDS dataset with a float
+``image`` feature works too: ``--config.data.name=tfds:NAME --config.data.data_dir=DIR``.
+
+Sample grids show latent channels 0-2 as a false-colour preview (with a warning), since
+no VAE decoder is configured.
 """
 
 import ml_collections
@@ -10,9 +32,10 @@ import ml_collections
 from train.configs.common import base_config
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
+    """The DiT-B/2 latent flow-matching config (see the module docstring)."""
     c = base_config()
-    c.data.name = "synthetic_latents"
+    c.data.name = "synthetic_latents"  # or "npy" / "arrayrecord" with --config.data.path
     c.model.name = "dit-B/2"  # a size after "dit-" picks DiT.from_name("B/2")
     c.model.attention_impl = ml_collections.FieldReference(None, field_type=str)  # "cudnn" on GPU
     c.formulation.name = "flow"
