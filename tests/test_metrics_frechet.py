@@ -115,8 +115,9 @@ def test_statistics_file_round_trip_and_pytorch_fid_layout(tmp_path):
     digest = save_statistics(path, mu, sigma)
     assert digest == file_sha256(path)
     assert save_statistics(tmp_path / "again.npz", mu, sigma) == digest  # deterministic bytes
-    with np.load(path) as data:  # readable by plain numpy, keys mu / sigma
-        assert sorted(data.files) == ["mu", "sigma"]
+    with np.load(path) as data:  # readable by plain numpy; mu / sigma plus metadata
+        assert {"mu", "sigma", "version"} <= set(data.files)
+        np.testing.assert_array_equal(data["mu"], mu)
     mu2, sigma2 = load_statistics(path, expected_sha256=digest)
     np.testing.assert_array_equal(mu2, mu)
     np.testing.assert_array_equal(sigma2, sigma)

@@ -1,14 +1,19 @@
 """FID Inception network: structure, preprocessing, weight files and the FID evaluator."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fakegcs import BUCKET
 
 from jaxdiff.metrics import (
+    INCEPTION_FEATURE,
     INCEPTION_WEIGHTS_ENV,
     ChecksumMismatchError,
     InceptionWeightsNotFoundError,
+    ReferenceStatistics,
     evaluate_samples,
     get_evaluator,
     inception_features,
@@ -25,6 +30,7 @@ from jaxdiff.metrics.inception_weights import (
     save_inception_variables,
 )
 from jaxdiff.metrics.weights import flatten_tree
+from jaxdiff.parallel import make_mesh
 
 FEATURES = jax.jit(inception_features)
 IMAGES = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)).astype(np.float32)
@@ -90,6 +96,23 @@ def test_weight_file_round_trip(weights_file, variables):
     load_inception_variables(path)  # default: checked against the converter's sidecar
 
 
+def test_weights_on_a_bucket_keep_their_checksum_sidecar(fake_gcs, variables, monkeypatch):
+    url = f"gs://{BUCKET}/fid_inception.npz"
+    digest = save_inception_variables(url, variables)
+    sidecar = fake_gcs / BUCKET / "fid_inception.npz.sha256"
+    assert sidecar.read_text() == f"{digest}  fid_inception.npz\n"
+    monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, url)
+    loaded = load_inception_variables()  # found through the variable, checked by the sidecar
+    assert np.array_equal(
+        loaded["params"]["Conv2d_1a_3x3"]["conv"]["kernel"],
+        variables["params"]["Conv2d_1a_3x3"]["conv"]["kernel"],
+    )
+    sidecar.write_text("ab" * 32 + "  fid_inception.npz\n")
+    with pytest.raises(ChecksumMismatchError, match=f"{url}.*{digest}"):
+        load_inception_variables()
+    assert os.listdir(".") == []  # nothing went to a local "gs:" folder
+
+
 def test_checksum_mismatch_names_both_hashes_and_the_path(weights_file):
     path, digest = weights_file
     with pytest.raises(ChecksumMismatchError) as err:
@@ -147,12 +170,30 @@ def test_fid_reference_statistics_are_those_of_the_features(weights_file, variab
     path, _ = weights_file
     feats = np.asarray(FEATURES(variables, IMAGES), np.float64)
     stats = tmp_path / "ref.npz"
-    save_reference_statistics("fid", IMAGES, stats, inception_weights=path)
+    # One device and batch 2: the same XLA program as FEATURES, so float32 round-off
+    # matches (the covariance of 2 samples magnifies any difference in the features).
+    one = make_mesh(num_devices=1)
+    save_reference_statistics("fid", IMAGES, stats, inception_weights=path, mesh=one)
     mu, sigma = load_statistics(stats)
+    meta = ReferenceStatistics.load(stats)
+    assert (meta.evaluator, meta.feature, meta.num, meta.image_shape) == (
+        "fid",
+        INCEPTION_FEATURE,
+        2,
+        (8, 8, 1),
+    )
     np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-4, atol=1e-8)
     with pytest.raises(ValueError, match="reference statistics"):
         get_evaluator("fid", inception_weights=path)
+    digits = tmp_path / "digits.npz"
+    save_statistics(digits, np.zeros(128), np.eye(128), feature="digits_classifier:05c3")
+    with pytest.raises(ValueError, match="'digits_classifier:05c3' features.*reference_stats"):
+        get_evaluator("fid", inception_weights=path, reference_stats=digits)
+    small = tmp_path / "small.npz"
+    save_statistics(small, np.zeros(128), np.eye(128))  # a pytorch-fid-like file, wrong size
+    with pytest.raises(ValueError, match="128-d features.*2048-d"):
+        get_evaluator("fid", inception_weights=path, reference_stats=small)
 
 
 # The whole --eval=fid path (weights file -> features -> statistics -> distance); a 2048-d

@@ -1,8 +1,10 @@
 """Evaluation metrics: Frechet distances, FID Inception, FD-digits, PRDC, exact toy metrics.
 
-Entry points: :func:`evaluate_samples` (metrics of host samples by evaluator name) and
+Entry points: :func:`evaluate_samples` (metrics of host samples by evaluator name),
 :func:`make_sample_and_evaluate_fn` (sharded sampling + features + metrics from any
-``generate(params, labels, keys)`` callable). Metrics never build models or samplers:
+``generate(params, labels, keys)`` callable) and :func:`reference_statistics` (reference
+``mu``/``sigma`` streamed from a data source; command: ``python -m
+jaxdiff.metrics.reference_stats``). Metrics never build models or samplers:
 :func:`jaxdiff.experiment.sample_and_evaluate` does that for a trained run. See
 ``docs/evaluation.md``.
 """
@@ -15,13 +17,13 @@ from jaxdiff.metrics.classifier import (
 )
 from jaxdiff.metrics.evaluate import (
     EVALUATORS,
-    Evaluator,
+    INCEPTION_FEATURE,
     SampleEvalResult,
     evaluate_samples,
     get_evaluator,
     make_sample_and_evaluate_fn,
-    save_reference_statistics,
 )
+from jaxdiff.metrics.evaluator import Evaluator
 from jaxdiff.metrics.fd_digits import class_accuracy, fd_digits
 from jaxdiff.metrics.frechet import (
     feature_statistics,
@@ -38,6 +40,12 @@ from jaxdiff.metrics.inception import (
     load_inception_variables,
 )
 from jaxdiff.metrics.prdc import density_coverage, prdc, precision_recall
+from jaxdiff.metrics.statistics import FORMAT_VERSION, ReferenceStatistics, RunningStatistics
+from jaxdiff.metrics.streaming import (
+    feature_evaluator,
+    reference_statistics,
+    save_reference_statistics,
+)
 from jaxdiff.metrics.toy import mmd, negative_log_likelihood, sliced_wasserstein
 from jaxdiff.metrics.weights import ChecksumMismatchError
 
@@ -45,6 +53,8 @@ __all__ = [
     "CLASSIFIER_PATH",
     "CLASSIFIER_SHA256",
     "EVALUATORS",
+    "FORMAT_VERSION",
+    "INCEPTION_FEATURE",
     "INCEPTION_SHA256",
     "INCEPTION_WEIGHTS_ENV",
     "ChecksumMismatchError",
@@ -52,11 +62,14 @@ __all__ = [
     "Evaluator",
     "InceptionV3",
     "InceptionWeightsNotFoundError",
+    "ReferenceStatistics",
+    "RunningStatistics",
     "SampleEvalResult",
     "class_accuracy",
     "density_coverage",
     "evaluate_samples",
     "fd_digits",
+    "feature_evaluator",
     "feature_statistics",
     "frechet_distance",
     "get_evaluator",
@@ -69,6 +82,7 @@ __all__ = [
     "negative_log_likelihood",
     "prdc",
     "precision_recall",
+    "reference_statistics",
     "save_reference_statistics",
     "save_statistics",
     "sliced_wasserstein",

@@ -21,8 +21,9 @@ classifier guidance. Its accuracy is reported on clean test digits.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -32,11 +33,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.metrics.weights import flatten_tree, load_arrays, save_arrays, unflatten_tree
+from jaxdiff.metrics.weights import (
+    arrays_from_bytes,
+    check_sha256,
+    flatten_tree,
+    save_arrays,
+    unflatten_tree,
+)
 from jaxdiff.models.classifier import Classifier
+from jaxdiff.utils import storage
 
 CLASSIFIER_PATH = Path(__file__).resolve().parent / "assets" / "digits_classifier.npz"
-"""The shipped clean digits classifier."""
+"""The shipped clean digits classifier (inside the package, so always a local file)."""
 
 CLASSIFIER_SHA256 = "05c3edaa730672d18eabf7bfc89cdd7c17c7ce702ca33b2b2a5fd8d6e8527bfe"
 """SHA-256 of the shipped :data:`CLASSIFIER_PATH`."""
@@ -83,11 +91,23 @@ class DigitsClassifier:
       model: The module.
       params: Its (unboxed) params.
       meta: Training metadata stored with the weights (seed, steps, accuracy...).
+      sha256: SHA-256 of the file it was loaded from (None if built in memory); it names
+        the feature space in statistics files (:attr:`feature_name`).
     """
 
     model: Classifier
     params: Any
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sha256: str | None = None
+
+    @property
+    def feature_name(self) -> str:
+        """Name of this classifier's feature space, as stored in statistics files.
+
+        Features of two different classifier files are not comparable, so the name
+        carries the file's digest (``"digits_classifier:05c3edaa7306"``) when known.
+        """
+        return "digits_classifier" + (f":{self.sha256[:12]}" if self.sha256 else "")
 
     def logits(self, x: jax.Array, noise_label: jax.Array | None = None) -> jax.Array:
         """``[B, num_classes]`` logits of images in [-1, 1]."""
@@ -157,34 +177,57 @@ def load_classifier(
     """Loads a digits classifier file (default: the shipped one, checksum-verified).
 
     Args:
-      path: A file written by :func:`save_classifier`; None = :data:`CLASSIFIER_PATH`.
+      path: A file written by :func:`save_classifier` (local or a bucket URL); None =
+        :data:`CLASSIFIER_PATH`.
       expected_sha256: Required digest; default :data:`CLASSIFIER_SHA256` for the shipped
         file and no check for other paths; None skips the check.
 
     Returns:
-      The classifier (cached per path and digest).
+      The classifier. Loads of the same bytes return the same object, so jitted feature
+      functions and cached reference features are reused.
 
     Raises:
       FileNotFoundError: If the file is missing (says how to re-create it).
-      ChecksumMismatchError: On a digest mismatch.
+      ChecksumMismatchError: On a digest mismatch, or an unreadable file.
     """
-    path = CLASSIFIER_PATH if path is None else Path(path)
+    target = storage.to_str(CLASSIFIER_PATH if path is None else path)
     if expected_sha256 is _DEFAULT:
-        expected_sha256 = CLASSIFIER_SHA256 if path.resolve() == CLASSIFIER_PATH else None
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"digits classifier {os.fspath(path)!r} not found: create it with `python -m "
-            "train --config=train/configs/digits_classifier.py --workdir=runs/classifier "
-            f"--config.out={os.fspath(path)}`"
+        shipped = not storage.is_remote(target) and os.path.realpath(target) == os.path.realpath(
+            CLASSIFIER_PATH
         )
-    return _load_cached(str(path.resolve()), expected_sha256, path.stat().st_mtime_ns)
+        expected_sha256 = CLASSIFIER_SHA256 if shipped else None
+    if not storage.isfile(target):
+        raise FileNotFoundError(
+            f"digits classifier {target!r} not found: create it with `python -m "
+            "train --config=train/configs/digits_classifier.py --workdir=runs/classifier "
+            f"--config.out={target}`"
+        )
+    # The file is small (~150 KB): read it on every call and cache by content digest, which
+    # stays right when a file is rewritten in place and works the same for buckets.
+    data = storage.read_bytes(target)
+    digest = hashlib.sha256(data).hexdigest()
+    check_sha256(digest, expected_sha256, path=target, what="digits classifier")
+    clf = _LOADED.get(digest)
+    if clf is None:
+        clf = _parse(arrays_from_bytes(data, path=target, what="digits classifier"), digest, target)
+        _LOADED[digest] = clf
+        while len(_LOADED) > _MAX_LOADED:
+            _LOADED.popitem(last=False)
+    return clf
 
 
-@functools.lru_cache(maxsize=8)
-def _load_cached(path: str, expected_sha256: str | None, _mtime: int) -> DigitsClassifier:
-    arrays = load_arrays(path, expected_sha256=expected_sha256, what="digits classifier")
+_MAX_LOADED = 8
+_LOADED: collections.OrderedDict[str, DigitsClassifier] = collections.OrderedDict()
+
+
+def _parse(arrays: dict[str, np.ndarray], digest: str, path: str) -> DigitsClassifier:
+    if _CONFIG_KEY not in arrays:
+        raise ValueError(
+            f"{path!r} is not a digits classifier file (it has no {_CONFIG_KEY!r} entry): "
+            "pass a file written by save_classifier / the digits_classifier config"
+        )
     config = json.loads(arrays.pop(_CONFIG_KEY).item())
     meta = json.loads(arrays.pop(_META_KEY, np.asarray("{}")).item())
     config["channels"] = tuple(config["channels"])
     params = unflatten_tree(arrays)["params"]
-    return DigitsClassifier(Classifier(**config), params, meta)
+    return DigitsClassifier(Classifier(**config), params, meta, digest)

@@ -29,7 +29,7 @@ The output is byte-deterministic, so the same ``.pth`` always yields the same SH
 from __future__ import annotations
 
 import argparse
-import os
+import io
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -38,6 +38,7 @@ import numpy as np
 
 from jaxdiff.metrics.inception_weights import save_inception_variables
 from jaxdiff.metrics.weights import file_sha256, unflatten_tree
+from jaxdiff.utils import storage
 
 _IGNORED_PREFIXES = ("fc.", "AuxLogits.")
 _BN_NAMES = {
@@ -82,8 +83,8 @@ def convert(pth: str, out: str) -> str:
     """Reads the ``.pth`` with torch, converts it and writes ``out`` (+ ``out.sha256``).
 
     Args:
-      pth: Path of ``pt_inception-2015-12-05-6726825d.pth``.
-      out: Output ``.npz`` path.
+      pth: Path of ``pt_inception-2015-12-05-6726825d.pth`` (local or a bucket URL).
+      out: Output ``.npz`` path (local or a bucket URL).
 
     Returns:
       The SHA-256 of the written file.
@@ -98,7 +99,8 @@ def convert(pth: str, out: str) -> str:
             "the converter needs PyTorch to read the .pth: `pip install torch` "
             "(CPU build is enough); jaxdiff itself does not need it"
         ) from err
-    state_dict = torch.load(pth, map_location="cpu", weights_only=True)
+    data = io.BytesIO(storage.read_bytes(pth))  # through storage, so gs:// works too
+    state_dict = torch.load(data, map_location="cpu", weights_only=True)
     return save_inception_variables(out, convert_state_dict(state_dict))
 
 
@@ -110,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print(f"source {args.pth}: SHA-256 {file_sha256(args.pth)}")
     digest = convert(args.pth, args.out)
-    print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes), SHA-256 {digest}")
-    print(f"use it with: export JAXDIFF_INCEPTION_WEIGHTS={os.path.abspath(args.out)}")
+    out = storage.to_str(args.out)  # absolute for a local file; a bucket URL as given
+    print(f"wrote {out}, SHA-256 {digest} (also in {out}.sha256)")
+    print(f"use it with: export JAXDIFF_INCEPTION_WEIGHTS={out}")
     return 0
 
 

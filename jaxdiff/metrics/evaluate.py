@@ -31,6 +31,11 @@ they never build a model or a sampler themselves):
   :func:`jaxdiff.experiment.sample_and_evaluate` for a trained run). Sample ``j`` is
   seeded by ``fold_in(key(seed), j)``, so results do not depend on device count or
   batch size.
+
+Reference statistics of real data are streamed from a data source by
+:func:`jaxdiff.metrics.streaming.reference_statistics`; those of generated samples come
+from ``evaluator.statistics(result.features)``. Both give a
+:class:`~jaxdiff.metrics.statistics.ReferenceStatistics`, one file format.
 """
 
 from __future__ import annotations
@@ -42,7 +47,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.typing import ArrayLike
@@ -51,60 +55,26 @@ from jaxdiff.data import get_dataset
 from jaxdiff.metrics import fd_digits as fdd
 from jaxdiff.metrics import toy
 from jaxdiff.metrics.classifier import DigitsClassifier, load_classifier
-from jaxdiff.metrics.frechet import feature_statistics, frechet_distance, load_statistics
+from jaxdiff.metrics.evaluator import Evaluator, Features
+from jaxdiff.metrics.frechet import feature_statistics, frechet_distance
 from jaxdiff.metrics.inception import inception_features, load_inception_variables
+from jaxdiff.metrics.statistics import ReferenceStatistics
 from jaxdiff.parallel import make_sharded_generate
 
-Features = dict[str, np.ndarray]
 EVALUATORS = ("fd_digits", "fid", "toy")
 """Names accepted by :func:`get_evaluator`."""
 
+INCEPTION_FEATURE = "inception_v3_pool3"
+"""Feature-space name of FID statistics (the 2048-d pool3 of the FID Inception)."""
+INCEPTION_DIM = 2048
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Evaluator:
-    """A metric as a sharded per-sample feature pass plus a host reduction.
-
-    Attributes:
-      name: Evaluator name.
-      feature_params: Params of ``feature_fn`` (a pytree; None if it has none).
-      feature_fn: ``(feature_params, samples [B, ...]) -> {name: [B, ...]}``, pure.
-      reduce_fn: ``(features {name: [N, ...]}, labels [N] or None) -> {metric: float}``.
-      batch_size: Samples per feature batch in :meth:`features`.
-    """
-
-    name: str
-    feature_params: Any
-    feature_fn: Callable[[Any, jax.Array], dict[str, jax.Array]]
-    reduce_fn: Callable[[Features, np.ndarray | None], dict[str, float]]
-    batch_size: int = 500
-
-    def features(self, samples: ArrayLike) -> Features:
-        """Runs ``feature_fn`` over host samples in batches (one device)."""
-        fn = _jitted(self.feature_fn)
-        samples = np.asarray(samples, np.float32)
-        chunks = [
-            jax.tree.map(
-                np.asarray, fn(self.feature_params, jnp.asarray(samples[i : i + self.batch_size]))
-            )
-            for i in range(0, len(samples), self.batch_size)
-        ]
-        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-
-    def __call__(self, samples: ArrayLike, labels: ArrayLike | None = None) -> dict[str, float]:
-        """Metrics of host ``samples`` (with optional conditioning ``labels``)."""
-        if len(samples) < 2:
-            raise ValueError(f"need at least 2 samples to evaluate, got {len(samples)}")
-        lab = None if labels is None else np.asarray(labels)
-        return self.reduce_fn(self.features(samples), lab)
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted(fn: Callable) -> Callable:
-    return jax.jit(fn)
+_MAKE_STATS = "python -m jaxdiff.metrics.reference_stats --dataset=NAME --evaluator={} --out=FILE"
 
 
 @functools.lru_cache(maxsize=4)
-def _inception_feature_fn(input_range: str, quantize: bool) -> Callable:
+def inception_feature_fn(input_range: str, quantize: bool) -> Callable:
+    """The FID evaluator's ``feature_fn``: ``{"features": pool3 [B, 2048]}`` (cached)."""
+
     def feature_fn(variables, x):
         return {
             "features": inception_features(variables, x, input_range=input_range, quantize=quantize)
@@ -126,6 +96,7 @@ def fd_digits_evaluator(
     classifier: DigitsClassifier | str | os.PathLike | None = None,
     *,
     reference_split: str = fdd.REFERENCE_SPLIT,
+    reference_stats: str | os.PathLike | None = None,
     k_pr: int = 3,
     k_dc: int = 5,
 ) -> Evaluator:
@@ -133,12 +104,27 @@ def fd_digits_evaluator(
 
     Args:
       classifier: A loaded classifier, a classifier file, or None for the shipped one.
-      reference_split: Digits split of the reference features.
+      reference_split: Digits split of the reference features (precision, recall,
+        density, coverage; and FD-digits unless ``reference_stats`` is given).
+      reference_stats: Optional statistics file of the same classifier's features (e.g.
+        from ``python -m jaxdiff.metrics.reference_stats --evaluator=fd_digits``) to
+        compute FD-digits against instead of the split.
       k_pr: k of precision/recall.
       k_dc: k of density/coverage.
+
+    Raises:
+      ValueError: If ``reference_stats`` are of another feature space.
     """
     clf = classifier if isinstance(classifier, DigitsClassifier) else load_classifier(classifier)
     feature_fn = _classifier_feature_fn(clf)
+    ref_stats = None
+    if reference_stats is not None:
+        stats = ReferenceStatistics.load(reference_stats)
+        hint = "make them with " + _MAKE_STATS.format("fd_digits")
+        stats.check_compatible(
+            clf.feature_name, clf.model.feature_dim, path=reference_stats, hint=hint
+        )
+        ref_stats = (stats.mu, stats.sigma)
 
     def reduce_fn(f, labels):
         return fdd.fd_digits_metrics(
@@ -149,9 +135,10 @@ def fd_digits_evaluator(
             classifier=clf,
             k_pr=k_pr,
             k_dc=k_dc,
+            reference_stats=ref_stats,
         )
 
-    return Evaluator("fd_digits", clf.params, feature_fn, reduce_fn)
+    return Evaluator("fd_digits", clf.params, feature_fn, reduce_fn, feature_name=clf.feature_name)
 
 
 def fid_evaluator(
@@ -166,8 +153,9 @@ def fid_evaluator(
     """FID against reference statistics, with the FID Inception network.
 
     Args:
-      reference_stats: ``.npz`` with ``mu``/``sigma`` of the reference set's pool3
-        features (pytorch-fid/EDM layout, or :func:`save_reference_statistics`).
+      reference_stats: Statistics file of the reference set's pool3 features (local or a
+        bucket URL): from ``python -m jaxdiff.metrics.reference_stats --evaluator=fid``,
+        :func:`~jaxdiff.metrics.streaming.save_reference_statistics`, pytorch-fid or EDM.
       inception_weights: Converted weights; None reads ``$JAXDIFF_INCEPTION_WEIGHTS``.
       expected_sha256: Passed to :func:`load_inception_variables` (None = its default).
       input_range: ``"minus_one_one"`` (jaxdiff samples) or ``"uint8"``.
@@ -176,24 +164,27 @@ def fid_evaluator(
 
     Raises:
       InceptionWeightsNotFoundError: Without weights, saying how to make them.
-      ValueError: Without ``reference_stats``, saying how to make them.
+      ValueError: Without ``reference_stats``, or with statistics of another feature
+        space, saying how to make them.
     """
     kw = {} if expected_sha256 is None else {"expected_sha256": expected_sha256}
     variables = load_inception_variables(inception_weights, **kw)
+    hint = (
+        f"make them with `{_MAKE_STATS.format('fid')}` (or save_reference_statistics('fid', "
+        "real_images, path)); pytorch-fid `--save-stats` and EDM reference files work too"
+    )
     if reference_stats is None:
-        raise ValueError(
-            "FID needs reference statistics: pass reference_stats=<.npz with 'mu' and "
-            "'sigma'> (pytorch-fid `--save-stats` / EDM reference files work), or make one "
-            "with jaxdiff.metrics.evaluate.save_reference_statistics('fid', real_images, path)"
-        )
-    mu_ref, sigma_ref = load_statistics(reference_stats)
+        raise ValueError(f"FID needs reference statistics: pass reference_stats=<.npz>; {hint}")
+    stats = ReferenceStatistics.load(reference_stats)
+    stats.check_compatible(INCEPTION_FEATURE, INCEPTION_DIM, path=reference_stats, hint=hint)
+    mu_ref, sigma_ref = stats.mu, stats.sigma
 
     def reduce_fn(f, labels):
         del labels
         return {"fid": frechet_distance(*feature_statistics(f["features"]), mu_ref, sigma_ref)}
 
-    feature_fn = _inception_feature_fn(input_range, quantize)
-    return Evaluator("fid", variables, feature_fn, reduce_fn, batch_size)
+    feature_fn = inception_feature_fn(input_range, quantize)
+    return Evaluator("fid", variables, feature_fn, reduce_fn, batch_size, INCEPTION_FEATURE)
 
 
 def toy_evaluator(
@@ -280,42 +271,6 @@ def evaluate_samples(
     return evaluator(samples, labels)
 
 
-def save_reference_statistics(
-    name: str | Evaluator, samples: ArrayLike, path: str | os.PathLike, **kwargs: Any
-) -> str:
-    """Writes ``mu``/``sigma`` of an evaluator's ``"features"`` of real data.
-
-    Use it to make FID reference statistics for a dataset: for ``"fid"`` only the
-    Inception weights are needed (``inception_weights=`` or
-    ``$JAXDIFF_INCEPTION_WEIGHTS``); other kwargs go to :func:`inception_features`.
-
-    Args:
-      name: ``"fid"``, ``"fd_digits"`` or an :class:`Evaluator` with a ``"features"`` output.
-      samples: ``[N, ...]`` real images (same range convention as generated samples).
-      path: Output ``.npz`` (``mu``, ``sigma``).
-      **kwargs: Evaluator options.
-
-    Returns:
-      The SHA-256 of the written file.
-    """
-    from jaxdiff.metrics.frechet import save_statistics
-
-    if isinstance(name, Evaluator):
-        evaluator = name
-    elif name == "fid":
-        variables = load_inception_variables(kwargs.pop("inception_weights", None))
-        evaluator = Evaluator(
-            "fid",
-            variables,
-            lambda v, x: {"features": inception_features(v, x, **kwargs)},
-            lambda f, y: {},
-            batch_size=50,
-        )
-    else:
-        evaluator = get_evaluator(name, **kwargs)
-    return save_statistics(path, *feature_statistics(evaluator.features(samples)["features"]))
-
-
 @dataclasses.dataclass
 class SampleEvalResult:
     """What a sample-and-evaluate run returns.
@@ -325,12 +280,15 @@ class SampleEvalResult:
       samples: ``[num, ...]`` float32 samples if requested, else None.
       labels: ``[num]`` conditioning labels (None for an unconditional model).
       nfe: Network evaluations per sample.
+      features: The evaluator's per-sample outputs (``{name: [num, ...]}``), e.g. for
+        ``evaluator.statistics(result.features).save(path)``.
     """
 
     metrics: dict[str, float]
     samples: np.ndarray | None
     labels: np.ndarray | None
     nfe: int
+    features: Features | None = None
 
 
 def make_sample_and_evaluate_fn(
@@ -381,6 +339,7 @@ def make_sample_and_evaluate_fn(
 
     def fn(params: Any, seed: int, return_samples: bool = False) -> SampleEvalResult:
         out = run(params, seed, keep_samples=return_samples)
-        return SampleEvalResult(evaluator.reduce_fn(out.extras, lab), out.samples, lab, out.nfe)
+        metrics = evaluator.reduce_fn(out.extras, lab)
+        return SampleEvalResult(metrics, out.samples, lab, out.nfe, out.extras)
 
     return fn

@@ -128,6 +128,7 @@ def fd_digits_metrics(
     classifier: DigitsClassifier | None = None,
     k_pr: int = 3,
     k_dc: int = 5,
+    reference_stats: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """All FD-digits evaluator metrics from precomputed classifier outputs.
 
@@ -140,6 +141,9 @@ def fd_digits_metrics(
       classifier: The classifier that produced ``features``; default the shipped one.
       k_pr: k of precision/recall.
       k_dc: k of density/coverage.
+      reference_stats: ``(mu, sigma)`` to compute FD-digits against instead of those of
+        ``reference_split`` (e.g. from a statistics file); the k-NN metrics still use
+        the split's features.
 
     Returns:
       ``fd_digits``, ``precision``, ``recall``, ``density``, ``coverage`` and, with
@@ -147,10 +151,10 @@ def fd_digits_metrics(
     """
     clf = load_classifier() if classifier is None else classifier
     ref = reference_features(reference_split, clf)
+    if reference_stats is None:
+        reference_stats = reference_statistics(reference_split, clf)
     out = {
-        "fd_digits": frechet_distance(
-            *feature_statistics(features), *reference_statistics(reference_split, clf)
-        ),
+        "fd_digits": frechet_distance(*feature_statistics(features), *reference_stats),
         **prdc(ref, features, k_pr=k_pr, k_dc=k_dc),
     }
     if labels is not None and logits is not None:

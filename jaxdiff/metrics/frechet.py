@@ -17,18 +17,18 @@ samples than dimensions, constant features) are handled exactly, without the
 ``eps * I`` offset retry that ``scipy.linalg.sqrtm``-based tools need. On
 well-conditioned inputs it agrees with the ``sqrtm`` route to round-off.
 
-Statistics files are ``.npz`` with arrays ``mu`` ``[D]`` and ``sigma`` ``[D, D]``, the layout
-of pytorch-fid's and EDM's reference statistics, so those files load directly.
+Statistics files (:func:`save_statistics` / :func:`load_statistics`, defined in
+:mod:`jaxdiff.metrics.statistics` and re-exported here) are ``.npz`` with arrays ``mu``
+``[D]`` and ``sigma`` ``[D, D]`` -- the layout of pytorch-fid's and EDM's reference
+statistics, so those files load directly -- plus metadata keys that those tools ignore.
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff.metrics.weights import load_arrays, save_arrays
+from jaxdiff.metrics.statistics import load_statistics, save_statistics
 
 
 def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
@@ -126,46 +126,10 @@ def feature_statistics(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
-def save_statistics(path: str | os.PathLike, mu: ArrayLike, sigma: ArrayLike) -> str:
-    """Writes ``mu`` and ``sigma`` to an ``.npz`` (pytorch-fid / EDM layout).
-
-    Args:
-      path: Output file (written as given, deterministic bytes).
-      mu: ``[D]`` mean.
-      sigma: ``[D, D]`` covariance.
-
-    Returns:
-      The SHA-256 of the written file.
-    """
-    mu = np.asarray(mu, np.float64)
-    sigma = np.asarray(sigma, np.float64)
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
-        raise ValueError(f"expected mu [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
-    return save_arrays(path, {"mu": mu, "sigma": sigma})
-
-
-def load_statistics(
-    path: str | os.PathLike, *, expected_sha256: str | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Reads ``(mu, sigma)`` from an ``.npz`` holding arrays ``mu`` and ``sigma``.
-
-    Args:
-      path: The file (ours, pytorch-fid's ``--save-stats`` output or EDM's ``.npz``).
-      expected_sha256: Optional SHA-256 to check first.
-
-    Returns:
-      ``(mu [D], sigma [D, D])`` as float64.
-
-    Raises:
-      FileNotFoundError: If the file does not exist.
-      KeyError: If it lacks ``mu`` or ``sigma``.
-      ChecksumMismatchError: On a checksum mismatch.
-    """
-    arrays = load_arrays(path, expected_sha256=expected_sha256, what="statistics file")
-    missing = {"mu", "sigma"} - set(arrays)
-    if missing:
-        raise KeyError(
-            f"statistics file {os.fspath(path)!r} lacks {sorted(missing)}; it holds "
-            f"{sorted(arrays)} (expected arrays 'mu' [D] and 'sigma' [D, D])"
-        )
-    return arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+__all__ = [
+    "feature_statistics",
+    "frechet_distance",
+    "load_statistics",
+    "save_statistics",
+    "trace_sqrt_product",
+]

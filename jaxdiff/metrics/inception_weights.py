@@ -2,15 +2,16 @@
 
 Weights are never downloaded. They come from a local ``.npz`` made once by
 ``python -m jaxdiff.metrics.convert_inception`` (see that module), found through the
-``path`` argument or the ``JAXDIFF_INCEPTION_WEIGHTS`` environment variable. Every load
-checks the file's SHA-256 and every variable's name and shape against the network.
+``path`` argument or the ``JAXDIFF_INCEPTION_WEIGHTS`` environment variable (a local path
+or a bucket URL such as ``gs://bucket/fid_inception.npz``: all I/O goes through
+:mod:`jaxdiff.utils.storage`). Every load checks the file's SHA-256 and every variable's
+name and shape against the network.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -18,12 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.metrics.weights import (
+    ChecksumMismatchError,
     flatten_tree,
     load_arrays,
     save_arrays,
     unflatten_tree,
-    verify_sha256,
 )
+from jaxdiff.utils import storage
 
 INCEPTION_WEIGHTS_ENV = "JAXDIFF_INCEPTION_WEIGHTS"
 """Environment variable naming the converted Inception ``.npz``."""
@@ -120,12 +122,21 @@ def save_inception_variables(path: str | os.PathLike, variables: Any) -> str:
     flat = {k: np.asarray(v, np.float32) for k, v in flatten_tree(variables).items()}
     _check_names_and_shapes(flat, path)
     digest = save_arrays(path, flat)
-    Path(f"{os.fspath(path)}.sha256").write_text(f"{digest}  {Path(path).name}\n")
+    storage.write_text(_sidecar(path), f"{digest}  {storage.as_path(path).name}\n")
     return digest
 
 
-def resolve_weights_path(path: str | os.PathLike | None = None) -> Path:
+def _sidecar(path: str | os.PathLike) -> str:
+    # String concatenation, not a path join: "<file>.sha256" sits next to the file, and a
+    # bucket URL stays a URL.
+    return f"{storage.to_str(path)}.sha256"
+
+
+def resolve_weights_path(path: str | os.PathLike | None = None) -> str:
     """Finds the converted weights: ``path``, else ``$JAXDIFF_INCEPTION_WEIGHTS``.
+
+    Returns:
+      The file as a string: an absolute local path or a bucket URL.
 
     Raises:
       InceptionWeightsNotFoundError: Saying where to get and how to convert the weights.
@@ -138,10 +149,10 @@ def resolve_weights_path(path: str | os.PathLike | None = None) -> Path:
                     f"no Inception weights given and ${INCEPTION_WEIGHTS_ENV} is unset"
                 )
             )
-    path = Path(path).expanduser()
-    if not path.is_file():
+    path = storage.to_str(path)  # expands "~"; keeps "gs://" intact
+    if not storage.isfile(path):
         raise InceptionWeightsNotFoundError(
-            _how_to_get_weights(f"Inception weights file {os.fspath(path)!r} does not exist")
+            _how_to_get_weights(f"Inception weights file {path!r} does not exist")
         )
     return path
 
@@ -152,7 +163,7 @@ def load_inception_variables(
     """Loads converted FID Inception weights, checking checksum, names and shapes.
 
     Args:
-      path: The ``.npz`` from ``convert_inception``; None reads
+      path: The ``.npz`` from ``convert_inception`` (local or a bucket URL); None reads
         ``$JAXDIFF_INCEPTION_WEIGHTS``.
       expected_sha256: Hex SHA-256 the file must have. Default: :data:`INCEPTION_SHA256`
         if pinned, else the digest in ``<path>.sha256`` if that file exists. None skips
@@ -169,11 +180,16 @@ def load_inception_variables(
     path = resolve_weights_path(path)
     if expected_sha256 is _DEFAULT:
         expected_sha256 = INCEPTION_SHA256
-        sidecar = Path(f"{os.fspath(path)}.sha256")
-        if expected_sha256 is None and sidecar.is_file():
-            expected_sha256 = sidecar.read_text().split()[0]
-    verify_sha256(path, expected_sha256, what="Inception weights file")
-    flat = load_arrays(path, what="Inception weights file")
+        if expected_sha256 is None and storage.isfile(_sidecar(path)):
+            words = storage.read_text(_sidecar(path)).split()
+            if not words:
+                raise ChecksumMismatchError(
+                    f"checksum file {_sidecar(path)!r} is empty: re-create the weights with "
+                    "convert_inception, or delete it to skip the check"
+                )
+            expected_sha256 = words[0]
+    # One read: the checksum is of the bytes that are parsed (87 MB, so not read twice).
+    flat = load_arrays(path, expected_sha256=expected_sha256, what="Inception weights file")
     _check_names_and_shapes(flat, path)
     return unflatten_tree({k: v.astype(np.float32) for k, v in flat.items()})
 
