@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fakegcs import BUCKET
-from tiny import tiny_config
+from tiny import tiny_imagefolder_config, write_image_folder
 
 from jaxdiff.experiment import load_run, train_and_evaluate
 from jaxdiff.training.lock import LOCK_NAME, WorkdirLock, WorkdirLockedError
@@ -70,25 +70,26 @@ def test_bucket_workdir_lock_is_exclusive_and_released(fake_gcs):
 
 
 def test_train_resume_and_sample_on_a_bucket(fake_gcs):
-    url = f"gs://{BUCKET}/runs/digits"
-    config = tiny_config(4, checkpoint_every=2, log_every=2)
-    config.sample.grid_size = 4
+    # The imagefolder config reads its images from the bucket and writes its run there.
+    write_image_folder(fake_gcs / BUCKET / "images")
+    url = f"gs://{BUCKET}/runs/faces"
+    config = tiny_imagefolder_config(f"gs://{BUCKET}/images")
+    config.train.update(num_steps=4, checkpoint_every=2, log_every=2, sample_every=4)
     train_and_evaluate(config, url)
     config.train.num_steps = 6  # resume from step 4 and go on
     train_and_evaluate(config, url)
 
-    run_dir = fake_gcs / BUCKET / "runs" / "digits"
+    run_dir = fake_gcs / BUCKET / "runs" / "faces"
     files = _tree(run_dir)
     for name in ("metrics.jsonl", "hparams.json", "samples/step_000004.png"):
         assert name in files, files
     assert any(f.startswith("checkpoints/6/") for f in files), files
     assert LOCK_NAME not in files
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    steps = [json.loads(line)["step"] for line in lines]
-    assert steps == [2, 4, 6]  # the resumed run appended, from step 4 on
+    assert [json.loads(line)["step"] for line in lines] == [2, 4, 6]  # resumed at 4
 
     run = load_run(url)
-    assert run.config.train.num_steps == 6
+    assert run.config.train.num_steps == 6 and run.num_classes == 2
 
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -103,5 +104,5 @@ def test_train_resume_and_sample_on_a_bucket(fake_gcs):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"to {url}/samples/grid.png" in proc.stdout
     samples = np.load(run_dir / "samples" / "grid.npz")["samples"]
-    assert samples.shape == (4, 8, 8, 1)
+    assert samples.shape == (4, 32, 32, 3)
     assert os.listdir(".") == []  # nothing went to a local "gs:" folder

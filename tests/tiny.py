@@ -32,3 +32,38 @@ def tiny_config(num_steps=10, **train):
     for k, v in train.items():
         c.train[k] = v
     return c
+
+
+def write_image_folder(root, classes=("cats", "dogs"), per_class=8):
+    """Noise images of odd sizes, JPEG and PNG; one subfolder per class ("" for flat)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        folder = root / c if c else root
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def tiny_imagefolder_config(path, size="32"):
+    """The imagefolder config at ``size`` px with a tiny UNet, 2 steps, no workers."""
+    from train.configs import imagefolder
+
+    config = imagefolder.get_config(size)
+    config.data.path = str(path)
+    config.data.workers = 0
+    config.model.ch = 8
+    config.model.ch_mult = (1,)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = ()
+    config.train.batch_size = 16
+    config.train.num_steps = 2
+    config.train.log_every = 1
+    config.optim.warmup_steps = 0
+    config.sample.steps = 2
+    config.sample.grid_size = 4
+    return config

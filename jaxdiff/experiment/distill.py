@@ -222,6 +222,7 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pa
         stack.callback(writer.close)
         stack.callback(writer.flush)
         stack.callback(data.close)  # stops input worker processes at once
+        data.start_prefetch()  # input workers start up while the steps compile
         if start == 0:
             writer.write_hparams(config.to_dict())
 

@@ -239,6 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         stack.callback(writer.close)
         stack.callback(writer.flush)
         stack.callback(exp.data.close)  # stops input worker processes at once
+        exp.data.start_prefetch()  # input workers start up while the step compiles
         if start == 0:
             writer.write_hparams(config.to_dict())
         train_step = jit_train_step(
