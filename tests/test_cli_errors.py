@@ -11,6 +11,7 @@ from tiny import TINY_MODEL_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = TINY_MODEL_FLAGS
+IMAGEFOLDER = "train/configs/imagefolder.py"
 
 # (id, cli, arguments, text the error line must contain). RUN is the trained workdir,
 # NEW a path that does not exist yet, TMP a scratch directory, FILE an existing file.
@@ -70,6 +71,18 @@ CASES = [
     ("config-solver", "train", ["--config.sample.solver=rk45"], "rk45"),
     ("config-steps", "train", ["--config.sample.steps=0"], "steps"),
     ("resume-below-step", "train", ["--workdir=RUN", *TINY, "--config.train.num_steps=1"], "below"),
+    ("workdir-unknown-scheme", "train", ["--workdir=memory://bucket/run"], "memory://"),
+    ("sample-unknown-scheme", "sample", ["--workdir=ftp://host/run"], "ftp://"),
+    ("imagefolder-without-path", "train", [f"--config={IMAGEFOLDER}"], "--config.data.path"),
+    (
+        "imagefolder-corrupt-image",
+        "train",
+        # A bad image is met when training reads it, after the run has started: the run
+        # goes to a scratch workdir outside the snapshot.
+        ["--workdir=SCRATCH", f"--config={IMAGEFOLDER}", "--config.data.path=TMP/images"]
+        + ["--config.data.workers=0", *TINY],
+        "TMP/images/a/bad.png",
+    ),
 ]
 
 
@@ -79,7 +92,10 @@ def places(tmp_path_factory, trained_run):
     tmp = tmp_path_factory.mktemp("scratch")
     (tmp / "noget.py").write_text("X = 1\n")
     (tmp / "a_file").write_text("not a directory\n")
-    return {"RUN": run, "TMP": tmp, "FILE": tmp / "a_file", "NEW": tmp / "new"}
+    (tmp / "images" / "a").mkdir(parents=True)
+    (tmp / "images" / "a" / "bad.png").write_bytes(b"\x89PNG, then garbage")
+    scratch = tmp_path_factory.mktemp("scratch_run") / "run"
+    return {"RUN": run, "TMP": tmp, "FILE": tmp / "a_file", "NEW": tmp / "new", "SCRATCH": scratch}
 
 
 def _snapshot(*roots: Path) -> dict:
