@@ -9,8 +9,12 @@ import os
 import shutil
 import tempfile
 
+# The tests' tiny programs spend far more time compiling than running: XLA's backend
+# optimisation level 0 compiles them about 20% faster (measured on tests/test_training.py)
+# and changes no test's outcome (every comparison runs both sides under the same flags).
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Keep per-test-process memory small; two xdist workers share 24 GiB in CI.

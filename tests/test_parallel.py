@@ -60,12 +60,14 @@ def test_sharded_step_equals_single_device(mesh_kw, tmp_path):
     single, single_losses = _train_steps(dict(num_devices=1), 3, tmp_path)
     sharded, sharded_losses = _train_steps(mesh_kw, 3, tmp_path)
     # Only the order of floating-point reductions differs between meshes: losses agree to
-    # float32 rounding. Params get an absolute tolerance of 1e-4 (5% of one lr=2e-3 step):
-    # biases that feed a GroupNorm have an exactly-zero gradient, so theirs is pure rounding
-    # noise, which Adam's normalisation magnifies to ~1e-5 whatever the mesh.
+    # float32 rounding. Params get an absolute tolerance of 5e-4 (a quarter of one lr=2e-3
+    # step, so a wrong gradient, which moves a param by ~lr per step, still fails): biases
+    # that feed a GroupNorm have an exactly-zero gradient, so theirs is pure rounding noise,
+    # which Adam's normalisation magnifies to 1e-5..2e-4 depending on the mesh and on XLA's
+    # optimisation level (the tests compile at level 0, see conftest.py).
     np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-4)
     specs = {str(x.sharding.spec) for x in jax.tree.leaves(sharded.params)}
     if mesh_kw.get("fsdp", 1) > 1:
         assert any("fsdp" in s for s in specs), specs
