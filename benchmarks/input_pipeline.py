@@ -44,7 +44,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from jaxdiff.data.arrays import NpySource
 from jaxdiff.data.imagefolder import ImageFolderSource, load_image
 from jaxdiff.data.pipeline import make_iterator, random_flip
-from jaxdiff.data.shards import ArrayRecordSource, write_arrays
+from jaxdiff.data.shard_writer import write_arrays
+from jaxdiff.data.shards import ArrayRecordSource
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 

@@ -127,7 +127,8 @@ def test_state_restore_continues_exact_order(make_source):
 
 
 def test_orbax_checkpoint_of_iterator(tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
+    import orbax.checkpoint as ocp
+
     kwargs = dict(global_batch_size=4, seed=0, process_index=0, process_count=1)
     it = make_iterator(_index_source(30), **kwargs)
     _take(it, 9)
@@ -328,7 +329,8 @@ def test_bad_state_names_the_state(state):
 
 
 def test_image_folder_two_processes_equal_one(tmp_path):
-    pil = pytest.importorskip("PIL.Image")
+    from PIL import Image
+
     from jaxdiff.data.imagefolder import ImageFolderSource
 
     rng = np.random.default_rng(0)
@@ -336,7 +338,8 @@ def test_image_folder_two_processes_equal_one(tmp_path):
         (tmp_path / f"class{c}").mkdir()
         for i in range(5):  # 10 JPEG/PNG images of odd sizes, cropped to 8x8
             pixels = rng.integers(0, 256, (9 + i, 12, 3), dtype=np.uint8)
-            pil.fromarray(pixels).save(tmp_path / f"class{c}" / f"{i}.{'png' if i % 2 else 'jpg'}")
+            name = f"{i}.{'png' if i % 2 else 'jpg'}"
+            Image.fromarray(pixels).save(tmp_path / f"class{c}" / name)
     kwargs = dict(global_batch_size=4, seed=1, augment=random_flip)
     source = ImageFolderSource(tmp_path, image_size=8)
     single = make_iterator(source, process_index=0, process_count=1, **kwargs)

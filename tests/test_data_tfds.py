@@ -1,9 +1,7 @@
 import numpy as np
 import pytest
 
-tfds = pytest.importorskip("tensorflow_datasets")
-
-from jaxdiff.data import (  # noqa: E402
+from jaxdiff.data import (
     DatasetNotPreparedError,
     TfdsSource,
     TfdsSpec,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jaxdiff.data import write_arrays
 from jaxdiff.experiment import build_experiment, train_and_evaluate
 from train.configs.dit_b2_latents import get_config
 
@@ -49,10 +50,9 @@ def test_latent_config_reads_latents_as_stored(tmp_path, fmt):
     data_dir = _write_latents(tmp_path / "latents")
     config = _tiny(get_config(), data_dir)
     if fmt == "arrayrecord":  # the same latents as shards, the format for large sets
-        shards = pytest.importorskip("jaxdiff.data.shards")
         images, labels = np.load(data_dir / "images.npy"), np.load(data_dir / "labels.npy")
         config.data.name = "arrayrecord"
-        config.data.path = shards.write_arrays(tmp_path / "shards", images, labels, num_shards=2)
+        config.data.path = write_arrays(tmp_path / "shards", images, labels, num_shards=2)
     exp = build_experiment(config)
     assert exp.sample_shape == (8, 8, 4) and exp.num_classes == 4
     batch = next(exp.data)

@@ -15,13 +15,13 @@ from test_imagefolder import make_tree
 from jaxdiff.data import DataSource, get_dataset, make_iterator, prepare
 from jaxdiff.data.imagefolder import CorruptImageError, ImageFolderSource
 from jaxdiff.data.prepare import MARKER_DIR, prepare_image_folder
+from jaxdiff.data.shard_writer import write_arrays
 from jaxdiff.data.shards import (
     METADATA_FILE,
     ArrayRecordSource,
     ShardError,
     read_metadata,
     shard_name,
-    write_arrays,
 )
 from jaxdiff.errors import InvalidArgumentError
 

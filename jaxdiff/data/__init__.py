@@ -17,7 +17,8 @@ from jaxdiff.data.digits import load_digits
 from jaxdiff.data.imagefolder import CorruptImageError, ImageFolderSource
 from jaxdiff.data.pipeline import Augmentation, BatchIterator, augment_keys, make_iterator
 from jaxdiff.data.registry import TOY_SPLIT_SIZES, dataset_names, get_dataset
-from jaxdiff.data.shards import ArrayRecordSource, ShardError, write_arrays
+from jaxdiff.data.shard_writer import write_arrays
+from jaxdiff.data.shards import ArrayRecordSource, ShardError
 from jaxdiff.data.sources import ArraySource, Batch, DatasetInfo, DataSource, stack_examples
 from jaxdiff.data.tfds_source import (
     KNOWN_TFDS,

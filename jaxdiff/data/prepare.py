@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
 
-from jaxdiff.data import shards
+from jaxdiff.data import shard_writer, shards
 from jaxdiff.data.imagefolder import (
     CorruptImageError,
     check_image_size,
@@ -142,7 +142,7 @@ def _write_shard(task: _ShardTask, report: Callable[[int], None]) -> dict[str, A
     storage.remove(task.marker_file)
     skipped: list[str] = []
     unreported = 0
-    with shards.ShardWriter(task.shard_file, task.features) as writer:
+    with shard_writer.ShardWriter(task.shard_file, task.features) as writer:
         for i, rel in enumerate(task.files):
             path = storage.join(task.root, rel)
             try:
@@ -348,7 +348,7 @@ def prepare_image_folder(
     markers.update({task.index: marker for task, marker in zip(todo, results, strict=True)})
 
     skipped = [path for i in range(num_shards) for path in markers[i]["skipped"]]
-    shards.write_metadata(
+    shard_writer.write_metadata(
         out,
         features=tasks[0].features,
         shards=[

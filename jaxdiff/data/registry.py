@@ -77,7 +77,7 @@ def get_dataset(
       unlabelled), decoded and center-cropped to ``image_size`` as ADM does
       (:class:`jaxdiff.data.imagefolder.ImageFolderSource`).
     * ``"arrayrecord"``: a dataset prepared by ``python -m jaxdiff.data.prepare`` or
-      :func:`jaxdiff.data.shards.write_arrays` at ``path``
+      :func:`jaxdiff.data.shard_writer.write_arrays` at ``path``
       (:class:`jaxdiff.data.shards.ArrayRecordSource`); ``image_size``, if given, must
       match the size the images were prepared at.
     * Known TFDS names (``"cifar10"``, ``"mnist"``, ``"imagenet_resized/32x32"``, ...) and

@@ -19,7 +19,7 @@ then::
 ``DIR`` may be a local folder (memory-mapped, so the set need not fit in memory) or a
 ``gs://`` URL (read whole into memory); a single ``.npy`` file trains unconditionally
 (add ``--config.data.conditional=False``). Large sets can instead be written as
-ArrayRecord shards with ``jaxdiff.data.shards.write_arrays`` and read with
+ArrayRecord shards with ``jaxdiff.data.write_arrays`` and read with
 ``--config.data.name=arrayrecord --config.data.path=DIR``. A TFDS dataset with a float
 ``image`` feature works too: ``--config.data.name=tfds:NAME --config.data.data_dir=DIR``.
 
