@@ -74,8 +74,10 @@ def _natural_image(rng: np.random.Generator, width: int, height: int) -> Image.I
     return Image.fromarray(pixels.astype(np.uint8))
 
 
-def make_jpeg_folder(root: Path, count: int, seed: int = 0) -> float:
-    """Writes ``count`` 500x375 JPEGs (quality 90) into two class folders.
+def make_jpeg_folder(
+    root: Path, count: int, seed: int = 0, size: tuple[int, int] = (500, 375)
+) -> float:
+    """Writes ``count`` JPEGs of ``size`` (quality 90) into two class folders.
 
     Returns:
         Mean file size in KiB.
@@ -86,7 +88,7 @@ def make_jpeg_folder(root: Path, count: int, seed: int = 0) -> float:
         folder = root / f"class{i % 2}"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{i:06d}.jpg"
-        _natural_image(rng, 500, 375).save(path, quality=90)
+        _natural_image(rng, *size).save(path, quality=90)
         sizes.append(path.stat().st_size)
     return float(np.mean(sizes)) / 1024
 
@@ -186,6 +188,17 @@ def main() -> None:
                     workers=w, threads=threads,
                 )  # fmt: skip
                 add(("JPEG -> 256 + random_flip", str(w), str(threads), rates))
+
+        # Already 256 px (e.g. a folder pre-resized once): decoding is all there is to do.
+        make_jpeg_folder(root / "jpeg256", args.images, size=(256, 256))
+        small = ImageFolderSource(root / "jpeg256", image_size=256)
+        add(("JPEG 256x256 -> 256: decode + crop only", "- (1 thread)", "-",
+             decode_rate(small, args.seconds)))  # fmt: skip
+        for w in sorted({0, args.max_workers}):
+            rates = pipeline_rate(
+                small, batch=args.batch, seconds=args.seconds, augment=random_flip, workers=w
+            )
+            add(("JPEG 256x256 -> 256 + random_flip", str(w), "0" if w else "8", rates))
 
         rng = np.random.default_rng(0)
         latents = rng.standard_normal((args.latents, 32, 32, 4), dtype=np.float32)
