@@ -12,6 +12,7 @@ from tiny import TINY_MODEL_FLAGS
 ROOT = Path(__file__).resolve().parents[1]
 TINY = TINY_MODEL_FLAGS
 IMAGEFOLDER = "train/configs/imagefolder.py"
+STATS = "jaxdiff.metrics.reference_stats"
 
 # (id, cli, arguments, text the error line must contain). RUN is the trained workdir,
 # NEW a path that does not exist yet, TMP a scratch directory, FILE an existing file.
@@ -82,6 +83,13 @@ CASES = [
         ["--workdir=SCRATCH", f"--config={IMAGEFOLDER}", "--config.data.path=TMP/images"]
         + ["--config.data.workers=0", *TINY],
         "TMP/images/a/bad.png",
+    ),
+    ("stats-without-out", STATS, ["--dataset=digits", "--evaluator=fd_digits"], "--out"),
+    (
+        "stats-evaluator-mismatch",
+        STATS,
+        ["--dataset=moons", "--evaluator=fd_digits", "--out=SCRATCH/moons.npz"],
+        "fd_digits describes 8x8",
     ),
 ]
 

@@ -65,6 +65,21 @@ def _check_flags() -> None:
         raise ValueError(f"--out={_OUT.value} is a folder: give a file name, e.g. .../stats.npz")
 
 
+def _check_images(shape: tuple[int, ...]) -> None:
+    # The feature networks take fixed inputs; a mismatch would otherwise surface as a
+    # parameter-shape traceback from inside flax.
+    if _EVALUATOR.value == "fd_digits" and shape != (8, 8, 1):
+        raise ValueError(
+            f"--evaluator=fd_digits describes 8x8 grey digits, but --dataset={_DATASET.value} "
+            f"has images of shape {shape}: use --evaluator=fid for other images"
+        )
+    if _EVALUATOR.value == "fid" and (len(shape) != 3 or shape[-1] != 3):
+        raise ValueError(
+            f"--evaluator=fid needs RGB images [H, W, 3], but --dataset={_DATASET.value} has "
+            f"examples of shape {shape} (latents must be decoded to images first)"
+        )
+
+
 def _description() -> str:
     parts = [f"{_DATASET.value} split={_SPLIT.value}"]
     for name, value in (
@@ -105,6 +120,7 @@ def main(argv: list[str]) -> None:
         path=_PATH.value,
         image_size=_IMAGE_SIZE.value,
     )
+    _check_images(tuple(source.info.image_shape))
     stats = reference_statistics(
         source,
         evaluator,
