@@ -33,12 +33,18 @@ _EDM_SALT = 0x3C6EF372FE94F82B
 _U64 = np.uint64
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser on a uint64 array: a bijection whose output bits look random."""
-    x = x + _U64(0x9E3779B97F4A7C15)  # arrays wrap modulo 2^64 silently
-    x = (x ^ (x >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> _U64(27))) * _U64(0x94D049BB133111EB)
-    return x ^ (x >> _U64(31))
+def mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijective, well-mixed hash of each uint64.
+
+    The one hash behind augmentation keys (:func:`jaxdiff.data.pipeline.augment_keys`)
+    and the choices made from them here.
+    """
+    # uint64 arithmetic wraps by design; 0-d inputs would otherwise warn on overflow.
+    with np.errstate(over="ignore"):
+        z = np.asarray(x, dtype=np.uint64) + _U64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+        return z ^ (z >> _U64(31))
 
 
 def _check_inputs(batch: dict[str, np.ndarray], keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +82,7 @@ def random_flip(batch: dict[str, np.ndarray], keys: np.ndarray) -> dict[str, np.
         ValueError: If the image is not rank 4 or ``keys`` is not an integer ``[B]`` array.
     """
     image, keys = _check_inputs(batch, keys)
-    flip = (_splitmix64(keys ^ _U64(_FLIP_SALT)) >> _U64(63)).astype(bool)
+    flip = (mix64(keys ^ _U64(_FLIP_SALT)) >> _U64(63)).astype(bool)
     return {**batch, "image": np.where(flip[:, None, None, None], image[:, :, ::-1], image)}
 
 

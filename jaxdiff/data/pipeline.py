@@ -53,7 +53,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from jaxdiff.data.augment import random_flip
+from jaxdiff.data.augment import mix64, random_flip
 from jaxdiff.data.sources import ArraySource, Batch, DataSource, stack_examples
 from jaxdiff.errors import InvalidArgumentError
 
@@ -65,16 +65,6 @@ Augmentation = Callable[[Batch, np.ndarray], Batch]
 _ENDLESS_STEPS = 2**62
 # Separates the augmentation key stream from any other use of the run seed.
 _AUGMENT_DOMAIN = 0x61756720  # "aug "
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: a bijective, well-mixed hash of each uint64."""
-    # uint64 arithmetic wraps by design; 0-d inputs would otherwise warn on overflow.
-    with np.errstate(over="ignore"):
-        z = np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
 
 
 @functools.lru_cache(maxsize=16)
@@ -93,7 +83,7 @@ def augment_keys(seed: int, positions: np.ndarray) -> np.ndarray:
     Returns:
         ``uint64`` array shaped like ``positions``: the ``keys`` an augmentation receives.
     """
-    return _mix64(_mix64(np.asarray(positions).astype(np.uint64)) ^ _key_base(seed))
+    return mix64(mix64(np.asarray(positions).astype(np.uint64)) ^ _key_base(seed))
 
 
 class _BatchIndices:

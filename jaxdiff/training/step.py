@@ -11,16 +11,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from jaxdiff.data.augment import AUGMENT_LABEL
 from jaxdiff.diffusion.formulation import Formulation
 from jaxdiff.parallel import batch_sharding, replicated
 from jaxdiff.training.state import TrainState, update_ema
 
 Batch = dict[str, jax.Array]
 StepFn = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
-
-AUGMENT_LABEL = "augment_label"
-"""Batch key of augmentation labels (:data:`jaxdiff.data.augment.AUGMENT_LABEL`); when
-present they are passed to the model as ``augment_label=`` (sampling never passes any)."""
 
 
 def drop_labels(key: jax.Array, labels: jax.Array, null_class: int, rate: float) -> jax.Array:
