@@ -62,3 +62,23 @@ def test_imagefolder_config_on_a_flat_folder_is_unconditional(tmp_path):
 def test_imagefolder_config_rejects_an_unknown_resolution():
     with pytest.raises(ValueError, match="resolution 48"):
         importlib.import_module("train.configs.imagefolder").get_config("48")
+
+
+@pytest.mark.parametrize(
+    "data, model, match",
+    [
+        (dict(augment="mixup"), {}, "unknown config.data.augment='mixup'"),
+        (dict(augment="edm", random_flip=True), dict(augment_dim=9), "already flips"),
+        (dict(augment="edm"), {}, "--config.model.augment_dim=9"),
+        (dict(workers=-1), {}, "config.data.workers=-1"),
+    ],
+)
+def test_bad_data_settings_name_the_flag(data, model, match):
+    from jaxdiff.errors import InvalidArgumentError
+    from jaxdiff.experiment.builders import build_data
+
+    config = _config("digits")
+    config.data.update(data)
+    config.model.update(model)
+    with pytest.raises(InvalidArgumentError, match=match):
+        build_data(config)
