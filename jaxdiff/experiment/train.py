@@ -219,11 +219,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     exp = build_experiment(config)
     tc = config.train
     params_of = first_ema(tc.ema_rates)
+    workdir = storage.to_str(workdir)
     hooks = [
-        make_grid_hook(config, exp.view, exp.sampler, params_of, storage.to_str(workdir)),
+        make_grid_hook(config, exp.view, exp.sampler, params_of, workdir),
         make_eval_hook(config, exp.view, exp.sampler, params_of),
     ]
-    workdir = storage.to_str(workdir)
     with contextlib.ExitStack() as stack:
         stack.enter_context(lock_workdir(workdir))
         ckpt = stack.enter_context(
