@@ -25,6 +25,7 @@ PACKAGE = ROOT / "jaxdiff"
 LAYERS = [
     {"errors", "utils"},
     {"parallel", "diffusion", "models", "data"},
+    {"pretrained"},
     {"guidance"},
     {"samplers"},
     {"generate"},

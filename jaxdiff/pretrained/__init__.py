@@ -1,0 +1,1 @@
+"""Published networks: torch-free weight files, converters and parity-checked loaders."""
