@@ -26,17 +26,31 @@ from jaxdiff.diffusion import (
     vp_sigmas,
     vp_to_sigma,
 )
+from jaxdiff.diffusion.vp_schedules import DiscreteVPSchedule, get_vp_schedule
+from jaxdiff.samplers import euler, sample
 
 FORMULATIONS = [
     EDM(),
     EDM(sigma_data=1.0),
     VPEpsilon(schedule=LinearVPSchedule()),
     VPEpsilon(schedule=CosineVPSchedule()),
+    VPEpsilon(schedule=DiscreteVPSchedule(), noise_label_scale=1000.0),
     VPrediction(schedule=CosineVPSchedule()),
     FlowMatching(),
     FlowMatching(shift=3.0),
+    FlowMatching(time_reversed=True, noise_label_scale=1.0),
 ]
-IDS = ["edm", "edm_sd1", "vp_linear", "vp_cosine", "v_cosine", "flow", "flow_shift3"]
+IDS = [
+    "edm",
+    "edm_sd1",
+    "vp_linear",
+    "vp_cosine",
+    "vp_discrete",
+    "v_cosine",
+    "flow",
+    "flow_shift3",
+    "flow_reversed",
+]
 
 
 def oracle_net(form):
@@ -172,3 +186,105 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="t_min"):
         VPEpsilon(t_min=0.5, t_max=0.1)
     assert isinstance(get_formulation("v", schedule="cosine").schedule, CosineVPSchedule)
+
+
+def ddpm_sigmas_np():
+    """DiT's ``get_named_beta_schedule("linear", 1000)`` restated in float64 numpy."""
+    betas = np.linspace(0.0001, 0.02, 1000, dtype=np.float64)
+    return np.sqrt(1.0 / np.cumprod(1.0 - betas) - 1.0)
+
+
+def test_discrete_schedule_is_the_ddpm_table():
+    sched, ref = DiscreteVPSchedule(), ddpm_sigmas_np()
+    np.testing.assert_allclose(sched.sigmas(), ref, rtol=1e-12)
+    index = np.arange(1000)
+    sig = np.asarray(sched.sigma(jnp.asarray(index / 1000.0, jnp.float32)))
+    np.testing.assert_allclose(sig, ref, rtol=2e-6)
+    # Between steps log(sigma) is linear in the index: a half step is the geometric mean.
+    half = np.asarray(sched.sigma(jnp.asarray((index[:-1] + 0.5) / 1000.0, jnp.float32)))
+    np.testing.assert_allclose(half, np.sqrt(ref[:-1] * ref[1:]), rtol=2e-6)
+    # The inverse gives back the step index, at and between the steps.
+    np.testing.assert_allclose(sched.t_from_sigma(ref) * 1000, index, atol=2e-3)
+    t = jnp.linspace(0.0, 0.999, 4001)
+    np.testing.assert_allclose(sched.t_from_sigma(sched.sigma(t)), t, atol=2e-6)
+    np.testing.assert_allclose(sched.alpha(t) ** 2, 1 / (1 + sched.sigma(t) ** 2), rtol=1e-5)
+    # Outside the table, time is clamped to the first/last step.
+    np.testing.assert_allclose(sched.sigma(jnp.array([-0.5, 1.0])), ref[[0, -1]], rtol=2e-6)
+    np.testing.assert_allclose(sched.t_from_sigma(jnp.array([1e-4, 1e4])), [0.0, 0.999])
+    assert isinstance(get_vp_schedule("discrete_linear"), DiscreteVPSchedule)
+    form = get_formulation("eps", schedule="discrete_linear", noise_label_scale=1000.0)
+    assert isinstance(form.schedule, DiscreteVPSchedule)
+    with pytest.raises(ValueError, match="discrete_linear"):
+        get_vp_schedule("quadratic")
+    with pytest.raises(ValueError, match="beta_start"):
+        DiscreteVPSchedule(beta_start=0.1, beta_end=0.01)
+
+
+def test_discrete_vp_epsilon_is_ddpm_pred_xstart():
+    # DiT's _predict_xstart_from_eps: x0 = sqrt(1/abar) x_t - sqrt(1/abar - 1) eps(x_t, i),
+    # with the network fed x_t and the step index i itself.
+    form = VPEpsilon(schedule=DiscreteVPSchedule(), noise_label_scale=1000.0)
+    steps = np.array([0, 3, 250, 617, 999])
+    abar = 1.0 / (1.0 + ddpm_sigmas_np()[steps] ** 2)
+    x_t = np.random.default_rng(0).standard_normal((5, 3))
+    seen = {}
+
+    def eps_net(x_in, c_noise, cond=None):
+        seen["x"], seen["label"] = x_in, c_noise
+        return jnp.sin(x_in) * (1.0 + c_noise[:, None] / 1000.0)
+
+    sigma = form.schedule.sigma(jnp.asarray(steps / 1000.0, jnp.float32))
+    x = jnp.asarray(x_t / np.sqrt(abar)[:, None], jnp.float32)
+    d = form.denoise(eps_net, x, sigma)
+    eps = np.sin(x_t) * (1.0 + steps[:, None] / 1000.0)
+    ref = np.sqrt(1.0 / abar)[:, None] * x_t - np.sqrt(1.0 / abar - 1.0)[:, None] * eps
+    np.testing.assert_allclose(seen["label"], steps, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(seen["x"], x_t, rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(d) - ref).max() / np.abs(ref).max() < 1e-5
+
+
+def sit_velocity(x_s, s):
+    """A fake SiT network: any smooth function of (x_s, s)."""
+    return np.cos(x_s) * s[:, None] - 0.3 * x_s
+
+
+def test_reversed_flow_denoiser_is_sits_x0_estimate():
+    # SiT, Linear path: x_s = s x0 + (1 - s) n (data at s = 1), v = x0 - n. Its ODE's
+    # estimate of the data is x_s + (1 - s) v; its Tweedie estimate, restated from
+    # ICPlan.get_score_from_velocity, x_s / s + (1 - s)^2 / s * score with
+    # score = (s v - x_s) / (1 - s). Both must equal jaxdiff's denoiser.
+    form = FlowMatching(time_reversed=True, noise_label_scale=1.0)
+    s = np.array([0.05, 0.13, 0.5, 0.8, 0.97])
+    x_s = np.random.default_rng(1).standard_normal((5, 3))
+
+    def net(x_in, c_noise, cond=None):
+        return jnp.cos(x_in) * c_noise[:, None] - 0.3 * x_in
+
+    sigma = jnp.asarray((1.0 - s) / s, jnp.float32)
+    d = np.asarray(form.denoise(net, jnp.asarray(x_s / s[:, None], jnp.float32), sigma))
+    v = sit_velocity(x_s, s)
+    np.testing.assert_allclose(d, x_s + (1.0 - s[:, None]) * v, rtol=1e-5, atol=1e-5)
+    score = (s[:, None] * v - x_s) / (1.0 - s[:, None])
+    tweedie = x_s / s[:, None] + (1.0 - s[:, None]) ** 2 / s[:, None] * score
+    np.testing.assert_allclose(d, tweedie, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(form.precondition(sigma).c_noise, s, rtol=1e-6)
+    np.testing.assert_allclose(form.sigma_from_noise_label(s), sigma, rtol=1e-5)
+
+
+def test_euler_on_reversed_flow_is_sits_euler_ode():
+    # SiT's fixed-step Euler ODE x <- x + (s' - s) v(x, s) from s = 0.2 to 1, against
+    # jaxdiff's Euler in sigma space on the same grid (sigma = (1 - s) / s, x = x_s / s).
+    form = FlowMatching(time_reversed=True, noise_label_scale=1.0)
+    grid = np.array([0.2, 0.35, 0.6, 0.85, 1.0])
+    x_s = np.random.default_rng(2).standard_normal((3, 4)) * (1 - grid[0])
+    ref = x_s.copy()
+    for s, s_next in zip(grid[:-1], grid[1:], strict=True):
+        ref = ref + (s_next - s) * sit_velocity(ref, np.full(3, s))
+
+    def net(x_in, c_noise, cond=None):
+        return jnp.cos(x_in) * c_noise[:, None] - 0.3 * x_in
+
+    sigmas = (1.0 - grid) / grid
+    noise = jnp.asarray(x_s / grid[0] / sigmas[0], jnp.float32)  # start x = noise * sigma_0
+    out, _ = sample(form.as_denoiser(net), noise, jnp.asarray(sigmas), solver=euler())
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)

@@ -145,11 +145,13 @@ def test_remat_matches_and_differentiates():
 def test_named_sizes_and_param_counts():
     assert dit_config("XL/2") == dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2)
     b2 = param_count(DiT.from_name("B/2", num_classes=1000), (2, 32, 32, 4))
+    b2_sigma = param_count(DiT.from_name("B/2", num_classes=1000, learn_sigma=True), (2, 32, 32, 4))
     s2 = param_count(create_model("dit-S/2", num_classes=1000), (2, 32, 32, 4))
     # The reference counts (130.5M / 33.0M) add a frozen 256-token position embedding
-    # and a doubled (learn_sigma) output layer; we have neither.
+    # and use the doubled (learn_sigma) output layer.
     assert b2 == 130_303_504
-    assert b2 + 256 * 768 + (768 * 16 + 16) == 130_512_416
+    assert b2_sigma == b2 + 768 * 16 + 16
+    assert b2_sigma + 256 * 768 == 130_512_416
     assert s2 == 32_858_896
     assert abs(s2 + 256 * 384 + (384 * 16 + 16) - 33.0e6) < 0.05e6
     with pytest.raises(ValueError, match="bad DiT name"):
@@ -160,3 +162,41 @@ def test_sincos_position_embedding():
     emb = sincos_2d(4, 2, 8)
     assert emb.shape == (8, 8) and len({tuple(r) for r in emb.round(6)}) == 8
     np.testing.assert_allclose(emb[0], [0, 0, 1, 1, 0, 0, 1, 1])  # token (0, 0)
+    # Token 2 is row 1, column 0: the column (0) fills the first half, the row the second,
+    # with frequencies 1 and 1/100 for dim 8.
+    row1 = [np.sin(1), np.sin(0.01), np.cos(1), np.cos(0.01)]
+    np.testing.assert_allclose(emb[2], [0, 0, 1, 1, *row1], rtol=1e-6)
+    np.testing.assert_allclose(emb[1, :4], row1, rtol=1e-6)  # row 0, column 1
+
+
+def test_sincos_matches_reference_layout_on_square_grids():
+    # The reference (MAE/DiT get_2d_sincos_pos_embed), restated: an "xy" meshgrid, whose
+    # first plane is the column index, feeds the first half of the channels.
+    g, dim = 5, 32
+    planes = np.meshgrid(np.arange(g, dtype=np.float32), np.arange(g, dtype=np.float32))
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+
+    def feats(pos):
+        ang = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(ang), np.cos(ang)], axis=1)
+
+    ref = np.concatenate([feats(planes[0]), feats(planes[1])], axis=1).astype(np.float32)
+    np.testing.assert_array_equal(sincos_2d(g, g, dim), ref)
+
+
+def test_learn_sigma_doubles_final_layer_and_returns_first_half():
+    base = DiT(**TINY)
+    sig = DiT(**TINY, learn_sigma=True)
+    full = DiT(**TINY, learn_sigma=True, return_all_channels=True)
+    params = nn.unbox(random_params(sig, X, T, Y))
+    assert params["params"]["final"]["kernel"].shape == (32, 2 * 2 * 8)
+    out, all_out = jax.jit(sig.apply)(params, X, T, Y), jax.jit(full.apply)(params, X, T, Y)
+    assert out.shape == X.shape and all_out.shape == (*X.shape[:3], 8)
+    np.testing.assert_array_equal(out, all_out[..., :4])
+    # Reference layout: output feature (i, j, c) of a token is column i * p * 2C + j * 2C + c,
+    # so keeping channels c < C of the kernel gives the learn_sigma=False network.
+    kernel = params["params"]["final"]["kernel"].reshape(32, 2, 2, 8)[..., :4]
+    bias = params["params"]["final"]["bias"].reshape(2, 2, 8)[..., :4]
+    small = {"params": dict(params["params"])}
+    small["params"]["final"] = {"kernel": kernel.reshape(32, 16), "bias": bias.reshape(16)}
+    np.testing.assert_allclose(jax.jit(base.apply)(small, X, T, Y), out, rtol=1e-6, atol=1e-6)

@@ -21,6 +21,7 @@ from jaxdiff.diffusion.schedules import (
 from jaxdiff.diffusion.vp import VPEpsilon, VPrediction
 from jaxdiff.diffusion.vp_schedules import (
     CosineVPSchedule,
+    DiscreteVPSchedule,
     LinearVPSchedule,
     VPSchedule,
     get_vp_schedule,
@@ -59,6 +60,7 @@ __all__ = [
     "FORMULATIONS",
     "Cond",
     "CosineVPSchedule",
+    "DiscreteVPSchedule",
     "Denoiser",
     "FlowMatching",
     "Formulation",

@@ -40,15 +40,19 @@ class _VPBase(Formulation):
 
 @dataclasses.dataclass(frozen=True)
 class VPEpsilon(_VPBase):
-    """Epsilon-prediction (DDPM) on a continuous VP schedule.
+    """Epsilon-prediction (DDPM) on a VP schedule.
 
     The network sees ``x_vp = alpha x`` and time label ``noise_label_scale * t`` and predicts
     the noise: ``D = x - sigma F`` (``c_skip = 1``, ``c_out = -sigma``,
     ``c_in = 1 / sqrt(1 + sigma^2)``). The loss is epsilon MSE; training draws
     ``t ~ U(t_min, t_max)``.
 
+    With ``schedule=DiscreteVPSchedule()`` and ``noise_label_scale=1000`` this is DiT's
+    (and ADM's) DDPM: the network receives the fractional step index and ``D`` is
+    ``sqrt(1 / abar) x_vp - sqrt(1 / abar - 1) eps``, the reference's ``pred_xstart``.
+
     Attributes:
-        schedule: the VP schedule (linear or cosine).
+        schedule: the VP schedule (linear, cosine or the discrete DDPM table).
         t_min: smallest training time.
         t_max: largest training time (below 1 for the cosine schedule, where sigma(1)=inf).
         noise_label_scale: network time label is ``noise_label_scale * t``.

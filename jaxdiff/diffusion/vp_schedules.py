@@ -1,7 +1,9 @@
-"""Continuous-time variance-preserving noise schedules ``alpha(t)``, ``t`` in [0, 1].
+"""Variance-preserving noise schedules ``alpha(t)``, ``t`` in [0, 1].
 
-Each schedule maps time to EDM sigma (``sigma(t) = sigma_vp(t) / alpha(t)``) and back,
-in closed form, so VP-trained networks plug into the sigma-space samplers.
+Each schedule maps time to EDM sigma (``sigma(t) = sigma_vp(t) / alpha(t)``) and back, so
+VP-trained networks plug into the sigma-space samplers. The continuous schedules do so in
+closed form; :class:`DiscreteVPSchedule` (the 1000-step DDPM table of DiT / ADM)
+interpolates between its discrete noise levels.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 
@@ -82,14 +85,91 @@ class CosineVPSchedule(VPSchedule):
         return angle * (2.0 / math.pi) * (1.0 + self.s) - self.s
 
 
+@dataclasses.dataclass(frozen=True)
+class DiscreteVPSchedule(VPSchedule):
+    """The discrete DDPM schedule of DiT / ADM: linear betas over ``num_steps`` steps.
+
+    ``betas = linspace(beta_start, beta_end, num_steps)`` (float64, as in DiT's
+    ``gaussian_diffusion.get_named_beta_schedule("linear", 1000)``),
+    ``alphas_cumprod = cumprod(1 - betas)`` and step ``i`` has the EDM noise level
+    ``sigma_i = sqrt(1 / alphas_cumprod[i] - 1)``. Time is ``t = i / num_steps``, so
+    ``VPEpsilon(schedule=DiscreteVPSchedule(), noise_label_scale=num_steps)`` hands the
+    network the (fractional) DDPM step index ``i``, the timestep DiT was trained on.
+
+    Between steps, ``sigma(t)`` interpolates ``log(sigma)`` linearly in the index and
+    ``t_from_sigma`` inverts that piecewise-linear map, as k-diffusion's
+    ``DiscreteSchedule`` does. Indices are clamped to ``[0, num_steps - 1]``: ``t`` in
+    ``[0, (num_steps - 1) / num_steps]`` is the useful range (``sigma(0) ~ 0.01``,
+    ``sigma(0.999) ~ 157`` for the defaults).
+
+    Attributes:
+        beta_start: first beta (DDPM: 1e-4, scaled by ``1000 / num_steps`` in DiT).
+        beta_end: last beta (DDPM: 0.02).
+        num_steps: number of discrete steps (1000).
+    """
+
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    num_steps: int = 1000
+
+    def __post_init__(self):
+        if self.num_steps < 2 or not 0.0 < self.beta_start <= self.beta_end < 1.0:
+            raise ValueError(
+                f"need num_steps >= 2 and 0 < beta_start <= beta_end < 1, got "
+                f"num_steps={self.num_steps}, beta_start={self.beta_start}, "
+                f"beta_end={self.beta_end}"
+            )
+
+    def sigmas(self) -> np.ndarray:
+        """The float64 table ``sqrt(1 / alphas_cumprod - 1)``, increasing, ``[num_steps]``."""
+        betas = np.linspace(self.beta_start, self.beta_end, self.num_steps, dtype=np.float64)
+        alphas_cumprod = np.cumprod(1.0 - betas)
+        return np.sqrt(1.0 / alphas_cumprod - 1.0)
+
+    def _log_sigmas(self) -> jax.Array:
+        # A float32 constant of the trace; computed in float64 first, like the reference.
+        return jnp.asarray(np.log(self.sigmas()), jnp.float32)
+
+    def sigma(self, t: ArrayLike) -> jax.Array:
+        """Returns ``exp`` of the log-sigma table interpolated at index ``t * num_steps``."""
+        log_sigmas = self._log_sigmas()
+        index = jnp.clip(jnp.asarray(t, jnp.float32) * self.num_steps, 0, self.num_steps - 1)
+        # Lower neighbour at most n - 2, so the top index uses weight 1 on the last entry;
+        # an integer index gives weight exactly 0 and returns the table value unchanged.
+        low = jnp.minimum(jnp.floor(index), self.num_steps - 2).astype(jnp.int32)
+        w = index - low
+        log_sigma = (1.0 - w) * log_sigmas[low] + w * log_sigmas[low + 1]
+        return jnp.exp(log_sigma)
+
+    def log_alpha2(self, t: ArrayLike) -> jax.Array:
+        """``-log(1 + sigma(t)^2)``, consistent with the interpolated :meth:`sigma`."""
+        return -jnp.log1p(self.sigma(t) ** 2)
+
+    def t_from_sigma(self, sigma: ArrayLike) -> jax.Array:
+        """Inverts :meth:`sigma`: the (clamped) fractional index of ``log(sigma)``, over n."""
+        log_sigmas = self._log_sigmas()
+        index = jnp.interp(
+            jnp.log(jnp.asarray(sigma, jnp.float32)),
+            log_sigmas,
+            jnp.arange(self.num_steps, dtype=jnp.float32),
+        )
+        return index / self.num_steps
+
+
+VP_SCHEDULES = {
+    "linear": LinearVPSchedule,
+    "cosine": CosineVPSchedule,
+    "discrete_linear": DiscreteVPSchedule,
+}
+"""VP schedule classes by name (``discrete_linear`` is DiT's 1000-step DDPM table)."""
+
+
 def get_vp_schedule(name: str) -> VPSchedule:
-    """Returns a VP schedule by name: ``"linear"`` or ``"cosine"``.
+    """Returns a VP schedule by name: ``"linear"``, ``"cosine"`` or ``"discrete_linear"``.
 
     Raises:
         ValueError: for an unknown name.
     """
-    if name == "linear":
-        return LinearVPSchedule()
-    if name == "cosine":
-        return CosineVPSchedule()
-    raise ValueError(f"unknown VP schedule {name!r}: use 'linear' or 'cosine'")
+    if name not in VP_SCHEDULES:
+        raise ValueError(f"unknown VP schedule {name!r}: use one of {', '.join(VP_SCHEDULES)}")
+    return VP_SCHEDULES[name]()

@@ -8,12 +8,27 @@ outputs exactly zero at initialisation (a good start for EDM preconditioning).
 
 Named sizes (:data:`DIT_CONFIGS`, :meth:`DiT.from_name`): S (depth 12, width 384,
 6 heads), B (12, 768, 12), L (24, 1024, 16), XL (28, 1152, 16); the suffix ``/2``,
-``/4``, ``/8`` is the patch size. Unlike the reference there is no ``learn_sigma``
-(output channels = input channels) and the position embedding is a constant, not a
-(frozen) parameter. Parameter counts on 32x32x4 inputs with 1000 classes:
-DiT-B/2 130,303,504 (reference 130,512,416 = ours + 196,608 frozen position
-embedding + 12,304 for the doubled output channels); DiT-S/2 32,858,896
-(reference 33.0M); DiT-XL/2 674,816,272 (reference 675.1M).
+``/4``, ``/8`` is the patch size. The position embedding is a constant, not a (frozen)
+parameter. Parameter counts on 32x32x4 inputs with 1000 classes: DiT-B/2 130,303,504
+(130,315,808 with ``learn_sigma``; the reference's 130,512,416 adds its 196,608-entry
+frozen position embedding); DiT-S/2 32,858,896 (reference 33.0M); DiT-XL/2 674,816,272
+(674,834,720 with ``learn_sigma``: the reference's 675,129,632 less its 294,912-entry
+position embedding).
+
+The maths matches the official implementation (facebookresearch/DiT, and SiT, which
+shares the network), so its published weights load through
+:mod:`jaxdiff.pretrained.dit` and reproduce its outputs: sinusoidal timestep features
+``[cos, sin]`` of the raw label times ``embedding_scale`` (1.0 for the published
+weights, which take DDPM step indices 0..999, or SiT's t in [0, 1]), a class table with
+the null class as its last row, LayerNorm without affine parameters and ``eps=1e-6``,
+tanh-approximated GELU, fused q/k/v laid out ``(3, heads, head_dim)``, patches flattened
+``(row, column, channel)`` and, with ``learn_sigma``, the final layer emitting ``2 C``
+channels per pixel (the noise prediction first, then DDPM's variance interpolation).
+
+Compatibility note: the 2-D position embedding now follows the reference's channel
+order (the column coordinate fills the first half of the channels, the row the second);
+earlier versions of jaxdiff put the row first, so DiT weights trained with those
+versions are not compatible with this module (their outputs change); retrain them.
 
 Logical axes follow :mod:`jaxdiff.models.layers`; adaLN modulation kernels are
 ``("embed", "mlp")``.
@@ -67,8 +82,11 @@ def dit_config(name: str) -> dict[str, int]:
 def sincos_2d(grid_h: int, grid_w: int, dim: int) -> np.ndarray:
     """Fixed 2-D sin-cos position embedding (MAE/DiT layout).
 
-    Half the channels encode the row, half the column, each with 1-D sin-cos features
-    at frequencies ``1 / 10000^(i / (dim/4))``.
+    The first half of the channels encodes the token's column, the second half its row
+    (the reference builds its grid with ``meshgrid(grid_w, grid_h)``, so the column comes
+    first), each as 1-D features ``[sin(p w_i), cos(p w_i)]`` at frequencies
+    ``w_i = 1 / 10000^(i / (dim/4))``. Computed in float64, then cast to float32, as in
+    the reference.
 
     Args:
       grid_h: Number of token rows.
@@ -87,7 +105,7 @@ def sincos_2d(grid_h: int, grid_w: int, dim: int) -> np.ndarray:
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
-    return np.concatenate([one_d(rows), one_d(cols)], axis=1).astype(np.float32)
+    return np.concatenate([one_d(cols), one_d(rows)], axis=1).astype(np.float32)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -189,6 +207,12 @@ class DiT(nn.Module):
         ``jax.nn.dot_product_attention`` (e.g. ``"cudnn"`` on GPU with bf16).
       pag_layers: Block indices perturbed by ``"pag"``; None = the middle block.
       skip_layers: Block indices skipped by ``"slg"``; None = the middle block.
+      learn_sigma: The final layer emits ``2 C`` channels per pixel in the reference's
+        layout (the prediction, then DDPM's learned-variance interpolation, which jaxdiff's
+        samplers do not use); the call still returns the first ``C`` unless
+        ``return_all_channels``. Needed to load the published DiT/SiT weights.
+      return_all_channels: With ``learn_sigma``, return all ``2 C`` channels (the
+        reference's full output) instead of the first ``C``.
       remat: Rematerialise each block in the backward pass (saves memory).
       activation_sharding: Optional ``jax.sharding.Sharding`` for the ``[B, T, D]``
         activations between blocks (e.g. batch over ``('data', 'fsdp')``, the rest
@@ -211,6 +235,8 @@ class DiT(nn.Module):
     attention_impl: str | None = None
     pag_layers: tuple[int, ...] | None = None
     skip_layers: tuple[int, ...] | None = None
+    learn_sigma: bool = False
+    return_all_channels: bool = False
     remat: bool = False
     activation_sharding: Any = None
     dtype: jnp.dtype = jnp.float32
@@ -256,7 +282,8 @@ class DiT(nn.Module):
           variant: Static: None, ``"pag"`` or ``"slg"`` (see the class docstring).
 
         Returns:
-          ``[B, H, W, C]`` float32.
+          ``[B, H, W, C]`` float32 (``[B, H, W, 2 C]`` with ``learn_sigma`` and
+          ``return_all_channels``).
 
         Raises:
           ValueError: Unknown variant, bad layer indices or indivisible image size.
@@ -317,6 +344,9 @@ class DiT(nn.Module):
             axis=-1,
         )
         h = modulate(_layer_norm(self.dtype)(h), shift, scale)
-        out = dense(p * p * channels, ("embed", "patch"), kernel_init=zeros, name="final", **kw)(h)
-        out = out.reshape(b, gh, gw, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
-        return out.reshape(b, height, width, channels).astype(jnp.float32)
+        out_ch = 2 * channels if self.learn_sigma else channels
+        out = dense(p * p * out_ch, ("embed", "patch"), kernel_init=zeros, name="final", **kw)(h)
+        # Each token's outputs are laid out (patch row, patch column, channel).
+        out = out.reshape(b, gh, gw, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5)
+        out = out.reshape(b, height, width, out_ch).astype(jnp.float32)
+        return out if self.return_all_channels else out[..., :channels]

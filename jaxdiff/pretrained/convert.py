@@ -114,7 +114,9 @@ def convert(
       arch: ``dit``, ``sit``, ``edm2`` or ``vae``; None detects it from the keys.
       entry: Which entry of a checkpoint dict to read (``"ema"``, ``"model"``).
       sha256: Expected SHA-256 of ``src``; a mismatch is an error.
-      overrides: Config fields to set on the inferred config.
+      overrides: Config fields to set on the inferred config; also shown to the
+        architecture's ``infer_config`` as hints (e.g. ``num_heads`` for a DiT whose width
+        is not a published one).
       check: Read the result back and run it once.
 
     Returns:
@@ -134,8 +136,9 @@ def convert(
             "download is incomplete or a different file"
         )
     tensors, extra = read_checkpoint(src, entry)
+    overrides = dict(overrides or {})
     config, params = registry.convert_state_dict(
-        tensors, arch=arch, extra=extra, source=src, **dict(overrides or {})
+        tensors, arch=arch, extra={**extra, **overrides}, source=src, **overrides
     )
     written = registry.save_converted(dst, config, params, source=src, source_sha256=digest)
     if check:

@@ -125,7 +125,10 @@ def check_params(params: Any, abstract: Any, source: str) -> None:
     Raises:
       WeightsError: For a missing, unexpected or wrong-shaped parameter.
     """
-    want = {k: v.shape for k, v in flatten_params(nn.unbox(abstract)).items()}
+    want = {
+        "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(abstract))
+    }
     have = flatten_params(params)
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
