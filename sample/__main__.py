@@ -1,5 +1,9 @@
 """Samples a trained run: ``python -m sample --workdir=W [--solver=... --steps=N --guidance=...]``.
 
+``--workdir`` may also name a converted published network (``dit-xl2-256.safetensors``,
+written by ``python -m jaxdiff.pretrained.convert``); it then samples with that paper's
+sampler unless flags say otherwise, and ``--vae=FILE`` decodes latent samples to images.
+
 Uses the run's stored sampler (``config.sample``: solver, steps, sigmas, guidance) unless a
 flag overrides it, and prints the sampler it used. Writes a PNG grid and an .npz of the
 samples (float32 in [-1, 1], with labels); with ``--eval=NAME`` it also prints metrics of
@@ -17,7 +21,9 @@ from absl import app, flags
 
 from jaxdiff.utils import cli, storage
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/digits", "Workdir of a training run.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", "runs/digits", "Workdir of a training run, or a converted .safetensors network."
+)
 _SOLVER = flags.DEFINE_string(
     "solver", None, "euler, heun, edm_stochastic:s_churn=40, ddim:eta=1, ... (default: the run's)"
 )
@@ -39,6 +45,17 @@ _STUDENT = flags.DEFINE_string(
     "student", None, "Distilled student workdir: hybrid sampling, base first, student after."
 )
 _SWITCH = flags.DEFINE_integer("switch_step", 1, "Base-model steps before the student runs.")
+_VAE = flags.DEFINE_string(
+    "vae", None, "Converted VAE (.safetensors) that decodes a latent model's samples to images."
+)
+
+
+def default_out(workdir: str) -> str:
+    """WORKDIR/samples/grid.png, or samples/<name>.png for a converted weight file."""
+    if workdir.lower().endswith(".safetensors"):
+        name = os.path.basename(workdir)[: -len(".safetensors")]
+        return os.path.join("samples", f"{name}.png")
+    return storage.join(workdir, "samples", "grid.png")
 
 
 def _check_flags(out: str) -> None:
@@ -57,7 +74,7 @@ def _check_flags(out: str) -> None:
         raise app.UsageError(f"--eval must be fd_digits, fid or toy, got {_EVAL.value!r}")
     if _EVAL.value == "fid" and not _FID_STATS.value:
         raise app.UsageError("--eval=fid needs --fid_stats=<reference .npz with mu and sigma>")
-    for name, flag in (("fid_stats", _FID_STATS), ("inception_weights", _WEIGHTS)):
+    for name, flag in (("fid_stats", _FID_STATS), ("inception_weights", _WEIGHTS), ("vae", _VAE)):
         if flag.value and not storage.isfile(flag.value):
             raise app.UsageError(f"--{name}={flag.value} does not exist")
     if not out.lower().endswith(".png") or storage.isdir(out):
@@ -76,7 +93,7 @@ def main(argv):
     """Runs the command; ``argv`` holds no positional arguments."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    out = _OUT.value or storage.join(_WORKDIR.value, "samples", "grid.png")
+    out = _OUT.value or default_out(_WORKDIR.value)
     _check_flags(out)
     from jaxdiff import experiment as ex
     from jaxdiff.parallel import make_mesh
@@ -99,14 +116,18 @@ def main(argv):
         guidance=_GUIDANCE.value,
     )
     print(f"sampler: {spec.describe()}")
+    vae = ex.run_vae(run, _VAE.value)
+    if vae is None and ex.latent_scaling(run) is not None:
+        print("latent samples: pass --vae=FILE to decode them; the grid shows raw channels")
     labels = ex.parse_labels(_LABELS.value, _NUM.value, run.num_classes)
     common = dict(num=_NUM.value, labels=labels, seed=_SEED.value, batch_size=_BATCH.value)
-    metrics = None
+    metrics, extra = None, {}
     if _STUDENT.value:
         student = ex.load_run(_STUDENT.value, mesh=mesh)
         samples, nfe = ex.hybrid_generate_samples(
             run, student, spec, switch_step=_SWITCH.value, **common
         )
+        samples = samples if vae is None else vae.decode(samples)
         if _EVAL.value:
             from jaxdiff.metrics import evaluate_samples
 
@@ -117,16 +138,18 @@ def main(argv):
         result = ex.sample_and_evaluate(
             run, _EVAL.value, _NUM.value, _SEED.value, spec=spec,
             labels=labels if run.num_classes else None, batch_size=_BATCH.value,
-            evaluator_options=options.get(_EVAL.value), return_samples=True,
+            evaluator_options=options.get(_EVAL.value), return_samples=True, vae=vae,
         )  # fmt: skip
         samples, nfe, metrics = result.samples, result.nfe, result.metrics
     else:
         samples, nfe = ex.generate_samples(run, spec, **common)
+        if vae is not None:
+            extra["latents"], samples = samples, vae.decode(samples)
     if metrics is not None:
         print(json.dumps({"eval": _EVAL.value, "num": _NUM.value, "nfe": nfe, **metrics}))
     grid = render_points(samples)[None] if samples.ndim == 2 else samples[:400]
     save_image_grid(out, grid, scale=_SCALE.value or run.config.sample.grid_scale)
-    storage.save_npz(out[: -len(".png")] + ".npz", samples=samples, labels=labels)
+    storage.save_npz(out[: -len(".png")] + ".npz", samples=samples, labels=labels, **extra)
     print(f"wrote {len(samples)} samples ({nfe} network evaluations each) to {out}")
 
 

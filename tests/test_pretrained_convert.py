@@ -14,7 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff.experiment import build_guidance, generate_samples, load_run, resolve_sampler
+from jaxdiff.errors import InvalidArgumentError
+from jaxdiff.experiment import (
+    build_guidance,
+    generate_fn,
+    generate_samples,
+    latent_scaling,
+    load_run,
+    resolve_sampler,
+    run_vae,
+)
+from jaxdiff.experiment.latents import decoded_generate
+from jaxdiff.parallel import make_sharded_generate
 from jaxdiff.pretrained.convert import convert
 from jaxdiff.pretrained.registry import load_pretrained
 from jaxdiff.pretrained.weights_io import WeightsError
@@ -28,8 +39,9 @@ def golden_state_dict(name: str, folder: Path) -> tuple[Path, dict, dict]:
     with np.load(GOLDENS / f"{name}.npz") as z:
         data = {k: z[k] for k in z.files}
     src = folder / f"{name}.npz"
-    np.savez(src, **{k[3:]: v for k, v in data.items() if k.startswith("sd/")})
-    return src, json.loads(str(data["config"][0])), data
+    prefix = "state/" if any(k.startswith("state/") for k in data) else "sd/"  # VAE: state/
+    np.savez(src, **{k[len(prefix) :]: v for k, v in data.items() if k.startswith(prefix)})
+    return src, json.loads(str(np.ravel(data["config"])[0])), data
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +52,15 @@ def dit_file(tmp_path_factory):
     # A width of 32 is no published DiT size, so the head count is given.
     out = convert(str(src), str(dst), overrides={"num_heads": up["num_heads"]})
     return dst, out, data
+
+
+@pytest.fixture(scope="module")
+def vae_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vae")
+    src, _, _ = golden_state_dict("vae_tiny", folder)
+    dst = folder / "vae-tiny.safetensors"
+    convert(str(src), str(dst), overrides={"norm_num_groups": 4})  # tiny: 4 groups
+    return dst
 
 
 def test_converted_file_reproduces_the_upstream_network(dit_file):
@@ -68,18 +89,43 @@ def test_converted_file_samples_with_any_guidance(dit_file):
     assert build_guidance(f"autoguidance:2.0,guide={dst}") is not None
 
 
-def test_sample_command_takes_a_converted_file(dit_file, tmp_path):
+def test_vae_decoding_fuses_into_the_sampler(dit_file, vae_file):
+    run = load_run(str(dit_file[0]))
+    assert latent_scaling(run).scale == 0.18215
+    vae = run_vae(run, str(vae_file))
+    spec = resolve_sampler(run.config.sample, num_classes=run.num_classes, steps=1)
+    generate, params, shardings = decoded_generate(generate_fn(run, spec), run, vae)
+
+    def draw(g, p, s):
+        return make_sharded_generate(
+            g, mesh=run.mesh, num=3, labels=np.arange(3), batch_size=3, param_shardings=s
+        )(p, 0).samples
+
+    images = draw(generate, params, shardings)
+    latents = draw(generate_fn(run, spec), run.params, run.param_shardings)
+    assert images.shape == (3, 16, 16, 3) and np.abs(images).max() <= 1.0
+    np.testing.assert_allclose(images, vae.decode(latents), atol=1e-5)
+
+
+def test_a_pixel_model_refuses_a_vae(vae_file, trained_run):
+    with pytest.raises(InvalidArgumentError, match="samples pixels, not latents"):
+        run_vae(load_run(trained_run), str(vae_file))
+
+
+def test_sample_command_takes_a_converted_file(dit_file, vae_file, tmp_path):
     dst, _, _ = dit_file
     out = tmp_path / "grid.png"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     args = ["--workdir", str(dst), "--num=4", "--steps=2", "--guidance=apg:2.0", f"--out={out}"]
+    args.append(f"--vae={vae_file}")
     proc = subprocess.run(
         [sys.executable, "-m", "sample", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "sampler: solver heun, 2 steps (Karras sigmas 157" in proc.stdout and out.exists()
-    assert np.load(tmp_path / "grid.npz")["samples"].shape == (4, 8, 8, 4)
+    written = np.load(tmp_path / "grid.npz")
+    assert written["samples"].shape == (4, 16, 16, 3) and written["latents"].shape == (4, 8, 8, 4)
 
 
 def test_expected_hash_is_checked(tmp_path):

@@ -27,6 +27,8 @@ from jaxdiff.experiment.generation import (
     generate_samples,
     hybrid_generate_samples,
 )
+from jaxdiff.experiment.latents import latent_scaling, load_vae, run_vae
+from jaxdiff.experiment.pretrained import load_pretrained_run
 from jaxdiff.experiment.runs import TrainedModel, load_run
 from jaxdiff.experiment.sampling import (
     SamplerSpec,
@@ -75,10 +77,14 @@ __all__ = [
     "generate_samples",
     "hybrid_generate_samples",
     "init_state",
+    "latent_scaling",
+    "load_pretrained_run",
     "load_run",
+    "load_vae",
     "parse_labels",
     "resolve_sampler",
     "run_experiment",
+    "run_vae",
     "sample_and_evaluate",
     "train_and_evaluate",
     "train_classifier",

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from jaxdiff.experiment.generation import generate_fn
+from jaxdiff.experiment.latents import decoded_generate
 from jaxdiff.experiment.runs import TrainedModel
 from jaxdiff.experiment.sampling import SamplerSpec, resolve_sampler
 from jaxdiff.metrics import Evaluator, SampleEvalResult, get_evaluator, make_sample_and_evaluate_fn
@@ -49,6 +50,7 @@ def sample_and_evaluate(
     batch_size: int = 256,
     evaluator_options: Mapping[str, Any] | None = None,
     return_samples: bool = False,
+    vae: Any = None,
 ) -> SampleEvalResult:
     """Draws ``num`` samples from a loaded run on its mesh and evaluates them.
 
@@ -64,6 +66,8 @@ def sample_and_evaluate(
         batch_size: global samples per compiled call.
         evaluator_options: options for :func:`jaxdiff.metrics.get_evaluator`.
         return_samples: also return the samples (host memory: ``num`` samples).
+        vae: for a latent model, the VAE (:func:`jaxdiff.experiment.run_vae`) that decodes
+            each batch to images before the metric sees it (and before they are returned).
 
     Example:
         >>> run = load_run("runs/digits", mesh=make_mesh())  # doctest: +SKIP
@@ -71,16 +75,18 @@ def sample_and_evaluate(
     """
     if spec is None:
         spec = resolve_sampler(run.config.sample, num_classes=run.num_classes)
+    generate, params, shardings = decoded_generate(generate_fn(run, spec), run, vae)
+    dataset = run.config.data.name if "data" in run.config else None
     fn = make_sample_and_evaluate_fn(
-        generate_fn(run, spec),
-        build_evaluator(evaluator, dataset=run.config.data.name, options=evaluator_options),
+        generate,
+        build_evaluator(evaluator, dataset=dataset, options=evaluator_options),
         mesh=run.mesh,
         num=num,
         labels=_labels(num, run.num_classes, labels),
         batch_size=batch_size,
-        param_shardings=run.param_shardings,
+        param_shardings=shardings,
     )
-    return fn(run.params, seed, return_samples)
+    return fn(params, seed, return_samples)
 
 
 def make_eval_hook(

@@ -134,9 +134,13 @@ def check_guidance_spec(spec: str) -> tuple[str, dict[str, str], set[str]]:
             "'autoguidance:2.0,guide=runs/digits_small'"
         )
     guide = keys.get("guide")
-    if guide is not None and not storage.isdir(storage.join(guide, "checkpoints")):
+    if guide is not None and guide.lower().endswith(".safetensors"):
+        if not storage.isfile(guide):
+            raise InvalidArgumentError(f"{spec!r}: guide={guide} does not exist")
+    elif guide is not None and not storage.isdir(storage.join(guide, "checkpoints")):
         raise InvalidArgumentError(
-            f"{spec!r}: guide={guide} holds no checkpoints/: pass the workdir of a trained run"
+            f"{spec!r}: guide={guide} holds no checkpoints/: pass the workdir of a trained "
+            "run or a converted .safetensors network"
         )
     path = keys.get("classifier")
     if path is not None and not storage.isfile(path):
@@ -156,7 +160,8 @@ def build_guidance(spec: str | None) -> Guidance | None:
     Beyond :func:`jaxdiff.guidance.parse_guidance`:
 
     * ``autoguidance:2.0,guide=WORKDIR`` loads the weaker guiding model from another
-      run's workdir (``guide_ema=RATE|none`` picks its params);
+      run's workdir (``guide_ema=RATE|none`` picks its params) or from a converted
+      published network (``guide=edm2-img512-xs.safetensors``);
     * ``classifier:1.0,classifier=PATH`` and ``minority:...,classifier=PATH`` use a
       noise-aware classifier file (``--config.noise_aware=True`` of the classifier
       trainer, ``train/configs/digits_classifier.py``);

@@ -403,6 +403,8 @@ class PretrainedVAE:
             x = (x - low) * (2 / (high - low)) - 1
             return jnp.where(clip, jnp.clip(x, -1, 1), x)  # traced: one compile for both
 
+        self.decode_fn = lambda params, latents: decode(params, latents, True)  # noqa: E731
+        """Pure ``(params, scaled latents) -> images in [-1, 1]``, to fuse into a jit."""
         self._moments = jax.jit(moments)
         self._encode = jax.jit(encode)
         self._decode = jax.jit(decode)
