@@ -35,7 +35,12 @@ _NUM = flags.DEFINE_integer("num", 64, "Number of samples.")
 _LABELS = flags.DEFINE_string("labels", None, "Class labels: '3' or '0,1,7'; default cycles.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Samples per batch (over all devices).")
-_EMA = flags.DEFINE_string("ema", "default", "EMA rate to use, or 'none' for raw params.")
+_EMA = flags.DEFINE_string(
+    "ema",
+    "default",
+    "EMA to use: a rate ('0.999'), a power profile ('std0.100'), a post-hoc reconstruction "
+    "('phema:0.1', see docs/phema.md), or 'none' for raw params.",
+)
 _OUT = flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/samples/grid.png).")
 _SCALE = flags.DEFINE_integer("scale", None, "Grid upscaling (default: the run's config).")
 _EVAL = flags.DEFINE_string("eval", None, "Evaluate the samples: fd_digits, fid or toy.")

@@ -143,3 +143,94 @@ def test_a_bad_sampler_spec_fails_before_the_first_step(tmp_path):
     with pytest.raises(InvalidArgumentError, match="cfgg"):
         train_and_evaluate(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_power_ema_in_the_train_step_equals_float64_power_ema(tmp_path):
+    # EMA profiles given by relative std ride beside a constant rate in the jitted step and
+    # equal EDM2's float64 power EMA of the params after each update (the first one copied).
+    from jaxdiff.parallel import global_batch
+    from jaxdiff.training import jit_train_step, make_train_step
+    from jaxdiff.training.phema import std_to_exp
+
+    config = tiny_config(6, ema_rates=(0.9,), ema_stds=(0.05, 0.1))
+    exp = build_experiment(config)
+    state, _ = init_state(exp, Checkpointer(tmp_path / "unused"))
+    assert set(state.ema) == {"0.9", "std0.050", "std0.100"}
+    step = jit_train_step(
+        make_train_step(exp.model, exp.formulation, exp.tx, num_classes=exp.num_classes),
+        exp.state_shardings,
+        exp.mesh,
+    )
+    key, trajectory = jax.random.key(0), []
+    for _ in range(6):
+        batch = global_batch(exp.to_model_batch(next(exp.data)), exp.mesh)
+        state, _ = step(state, batch, key)
+        # The state is donated to the next step: copy the params out now.
+        trajectory.append(jax.tree.map(lambda x: np.array(x, np.float64), state.params))
+        if len(trajectory) == 1:
+            _leaves_equal(state.ema["std0.100"], state.params)
+    for std in (0.05, 0.1):
+        gamma, ema = std_to_exp(std), trajectory[0]
+        for t, params in enumerate(trajectory[1:], start=2):
+            beta = (1 - 1 / t) ** (gamma + 1)
+            ema = jax.tree.map(lambda e, p, b=beta: b * e + (1 - b) * p, ema, params)
+        for got, want in zip(
+            jax.tree.leaves(state.ema[f"std{std:.3f}"]), jax.tree.leaves(ema), strict=True
+        ):
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_inverse_sqrt_schedule_is_edm2s():
+    from jaxdiff.training.optim import inverse_sqrt_schedule, make_optimizer
+
+    def edm2(cur_nimg, batch_size, ref_lr, ref_batches, rampup_mimg):
+        # EDM2's training_loop.learning_rate_schedule, written out in float64.
+        lr = ref_lr / np.sqrt(max(cur_nimg / (ref_batches * batch_size), 1))
+        return lr * min(cur_nimg / (rampup_mimg * 1e6), 1) if rampup_mimg > 0 else lr
+
+    # EDM2 units: ref_batches is t_ref in steps; rampup_Mimg * 1e6 / batch is the warm-up.
+    sched = inverse_sqrt_schedule(0.012, warmup_steps=10_000, ref_steps=70_000)
+    for step in (0, 1, 5_000, 10_000, 70_000, 140_000, 280_000, 1_000_000):
+        want = edm2(step * 1000, 1000, 0.012, 70_000, 10)
+        assert float(sched(step)) == pytest.approx(want, rel=1e-6, abs=1e-12), step
+    no_warmup = inverse_sqrt_schedule(1.0, warmup_steps=0, ref_steps=100)
+    assert [float(no_warmup(s)) for s in (0, 100, 400)] == [1.0, 1.0, 0.5]
+
+    # Wired into Adam: with a constant gradient Adam's step is the learning rate itself (up
+    # to eps and float32 rounding of the bias corrections).
+    tx = make_optimizer(
+        1.0, warmup_steps=4, decay_steps=8, schedule="inverse_sqrt", grad_clip=None, b2=0.99
+    )
+    params = jnp.zeros(())
+    opt_state = tx.init(params)
+    ref = inverse_sqrt_schedule(1.0, 4, 8)
+    for k in range(40):
+        updates, opt_state = tx.update(jnp.ones(()), opt_state, params)
+        assert float(-updates) == pytest.approx(float(ref(k)), rel=1e-5, abs=1e-12), k
+
+
+def test_schedule_and_power_ema_config_values_fail_with_the_fix():
+    from jaxdiff.errors import InvalidArgumentError
+    from jaxdiff.experiment.builders import build_optimizer, check_loop_config
+
+    cases = [
+        ({"optim.schedule": "linear"}, r"optim.schedule must be one of \['cosine'"),
+        ({"optim.schedule": "inverse_sqrt"}, r"optim.decay_steps must be an integer >= 1"),
+        ({"optim.schedule": "constant", "optim.decay_steps": 100}, "decay_steps=None"),
+        ({"train.ema_stds": (0.3,)}, r"train.ema_stds must be .*\(0, 0.289\)"),
+        ({"train.ema_stds": (0.0505,)}, "at most 3 decimals"),
+        ({"train.ema_stds": (0.1, 0.1)}, "distinct"),
+        ({"train.phema_every": 5}, r"ema_stds is empty.*ema_stds=\(0.05,0.1\)"),
+        ({"train.ema_stds": (0.1,), "train.phema_every": -1}, "phema_every must be >= 0"),
+    ]
+    for changes, match in cases:
+        config = tiny_config(2)
+        for key, value in changes.items():
+            section, name = key.split(".")
+            config[section][name] = value
+        with pytest.raises(InvalidArgumentError, match=match):
+            check_loop_config(config)
+            build_optimizer(config.optim)
+    config = tiny_config(2)
+    config.optim.schedule, config.optim.decay_steps = "inverse_sqrt", 1000
+    build_optimizer(config.optim)  # EDM2's schedule is accepted

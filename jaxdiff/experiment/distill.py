@@ -96,7 +96,9 @@ def student_config(config: ml_collections.ConfigDict, teacher_config: Any, meta:
     """The config stored beside the student's checkpoints (what ``load_run`` reads)."""
     out = teacher_config.to_dict()
     out["optim"] = config.optim.to_dict()
-    out["train"] = {**out["train"], "ema_rates": tuple(config.train.ema_rates)}
+    # The student keeps only constant-rate EMAs: a teacher's power-EMA profiles
+    # (ema_stds) are not tracked by distillation, so load_run must not look for them.
+    out["train"] = {**out["train"], "ema_rates": tuple(config.train.ema_rates), "ema_stds": ()}
     out["sample"] = {
         **out["sample"],
         "solver": "euler",
@@ -174,8 +176,8 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pa
     )
     txs = (
         build_optimizer(config.optim),
-        build_optimizer(config.critic_optim),
-        build_optimizer(config.critic_optim),
+        build_optimizer(config.critic_optim, key="critic_optim"),
+        build_optimizer(config.critic_optim, key="critic_optim"),
     )
     p_shard, teacher_params = teacher.param_shardings, teacher.params
 

@@ -20,12 +20,16 @@ import ml_collections
 from jaxdiff.diffusion import Formulation
 from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.experiment.builders import RUN_KEY, build_formulation, build_model
-from jaxdiff.parallel import make_mesh, param_shardings
+from jaxdiff.parallel import make_mesh, param_shardings, put_global
 from jaxdiff.training.checkpoint import Checkpointer, load_config
-from jaxdiff.training.state import ema_key, init_params_fn
+from jaxdiff.training.phema import check_std, read_reconstruction, reconstruction_path
+from jaxdiff.training.state import ema_keys, init_params_fn
 from jaxdiff.utils import storage
 
 log = logging.getLogger(__name__)
+
+PHEMA_PREFIX = "phema:"
+"""``load_run(workdir, ema="phema:0.1")`` loads a post-hoc EMA reconstruction."""
 
 
 @dataclasses.dataclass
@@ -67,6 +71,27 @@ def _stored_config(ckpt_dir: str, workdir: Any, step: int | None = None) -> dict
     return stored
 
 
+def _load_phema(workdir: Any, ema: str, abstract: Any) -> tuple[Any, int, str]:
+    """``(params, step, name)`` of reconstruction ``ema="phema:STD"``, placed as ``abstract``."""
+    text = ema[len(PHEMA_PREFIX) :]
+    try:
+        std = float(text)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"ema={ema!r}: STD in '{PHEMA_PREFIX}STD' must be a number, e.g. {PHEMA_PREFIX}0.1"
+        ) from None
+    std = check_std(std, f"the relative std of ema={ema!r}")
+    path = reconstruction_path(storage.join(workdir, "phema"), std)
+    if not storage.isfile(path):
+        raise FileNotFoundError(
+            f"no post-hoc EMA reconstruction {path}: make it first with `python -m "
+            f"jaxdiff.experiment.phema --workdir={workdir} --std={std}`"
+        )
+    host, meta = read_reconstruction(path, abstract)
+    params = put_global(host, jax.tree.map(lambda a: a.sharding, abstract))
+    return params, int(meta["step"]), f"{PHEMA_PREFIX}{std:.3f}"
+
+
 def load_run(
     workdir: str | os.PathLike, *, ema: str | None = "default", mesh: Any = None
 ) -> TrainedModel:
@@ -74,8 +99,14 @@ def load_run(
 
     Args:
         workdir: the run's workdir (holding ``checkpoints/``); a ``gs://`` path works.
-        ema: which params: ``"default"`` (the first EMA rate, or the raw params if the run
-            kept none), an EMA rate such as ``"0.999"``, or None for the raw params.
+            A converted ``.safetensors`` file of a published network (``python -m
+            jaxdiff.pretrained.convert``) loads that network instead (``ema`` is ignored).
+        ema: which params: ``"default"`` (the first EMA rate, else the first power profile,
+            or the raw params if the run kept none), an EMA rate such as ``"0.999"``, a
+            power profile such as ``"std0.100"``, ``"phema:STD"`` for the post-hoc EMA
+            reconstruction ``WORKDIR/phema/reconstructed-stdSTD.safetensors`` written by
+            ``python -m jaxdiff.experiment.phema`` (its step is the reconstruction's), or
+            None for the raw params.
         mesh: the mesh to shard the params onto, by the model's logical axis rules
             (e.g. ``make_mesh(data=2, fsdp=2)``); default one device.
 
@@ -83,24 +114,30 @@ def load_run(
         The restored model.
 
     Raises:
-        FileNotFoundError: if ``workdir`` holds no checkpoint (says how to train one).
+        FileNotFoundError: if ``workdir`` holds no checkpoint (says how to train one), or
+            the asked-for reconstruction was not made (says how to make it).
         InvalidArgumentError: for an EMA rate the run did not keep.
 
     Example:
         >>> run = load_run("runs/digits", mesh=make_mesh())  # doctest: +SKIP
     """
+    if str(workdir).lower().endswith(".safetensors"):  # a converted published network
+        from jaxdiff.experiment.pretrained import load_pretrained_run
+
+        return load_pretrained_run(workdir, mesh=mesh)
     ckpt_dir = storage.join(workdir, "checkpoints")
     stored = _stored_config(ckpt_dir, workdir)
     meta = stored.pop(RUN_KEY)
     config = ml_collections.ConfigDict(stored)
     num_classes, shape = int(meta["num_classes"]), tuple(meta["sample_shape"])
-    rates = [ema_key(r) for r in config.train.ema_rates]
+    rates = ema_keys(config.train.ema_rates, config.train.get("ema_stds", ()))
     if ema == "default":
         ema = rates[0] if rates else None
-    if ema is not None and ema not in rates:
+    phema = ema is not None and ema.startswith(PHEMA_PREFIX)
+    if ema is not None and not phema and ema not in rates:
         raise InvalidArgumentError(
-            f"EMA rate {ema!r} not in this run: it kept {rates}; pass one of them, "
-            "'default', or 'none' for the raw params"
+            f"EMA {ema!r} not in this run: it kept {rates}; pass one of them, 'default', "
+            f"'{PHEMA_PREFIX}STD' for a post-hoc EMA reconstruction, or 'none' for the raw params"
         )
     model = build_model(config, num_classes)
     mesh = make_mesh(devices=jax.devices()[:1]) if mesh is None else mesh
@@ -109,18 +146,21 @@ def load_run(
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
     )
-    item = {"params": abstract} if ema is None else {"ema": {ema: abstract}}
-    ckpt = Checkpointer(ckpt_dir)
-    try:
-        restored, step = ckpt.restore_subtree(item)
-        newest = ckpt.latest_step()
-    finally:
-        ckpt.close()
-    params = restored["params"] if ema is None else restored["ema"][ema]
-    if step != newest:  # fell back: read the config that belongs to that step
-        stored = _stored_config(ckpt_dir, workdir, step)
-        stored.pop(RUN_KEY)
-        config = ml_collections.ConfigDict(stored)
+    if phema:
+        params, step, ema = _load_phema(workdir, ema, abstract)
+    else:
+        item = {"params": abstract} if ema is None else {"ema": {ema: abstract}}
+        ckpt = Checkpointer(ckpt_dir)
+        try:
+            restored, step = ckpt.restore_subtree(item)
+            newest = ckpt.latest_step()
+        finally:
+            ckpt.close()
+        params = restored["params"] if ema is None else restored["ema"][ema]
+        if step != newest:  # fell back: read the config that belongs to that step
+            stored = _stored_config(ckpt_dir, workdir, step)
+            stored.pop(RUN_KEY)
+            config = ml_collections.ConfigDict(stored)
     return TrainedModel(
         config=config,
         model=model,

@@ -1,4 +1,4 @@
-"""Train state: params, EMA params at one or more rates, optax state and the step."""
+"""Train state: params, EMA copies (constant rates and power profiles), optax state, step."""
 
 from __future__ import annotations
 
@@ -13,6 +13,14 @@ import optax
 from jax.sharding import Mesh
 
 from jaxdiff.parallel import param_shardings, replicated
+from jaxdiff.training.phema import (
+    check_std,
+    key_std,
+    power_update,
+    power_weight,
+    std_key,
+    std_to_exp,
+)
 
 
 @flax.struct.dataclass
@@ -22,7 +30,9 @@ class TrainState:
     Attributes:
         step: int32 number of optimizer updates done.
         params: the network parameters (unboxed).
-        ema: EMA copies of ``params`` keyed by rate, e.g. ``{"0.999": params}``.
+        ema: EMA copies of ``params``: constant rates keyed by rate (``"0.999"``) and
+            power-function profiles keyed by relative std (``"std0.050"``, see
+            :mod:`jaxdiff.training.phema`).
         opt_state: the optax state.
     """
 
@@ -37,33 +47,56 @@ def ema_key(rate: float) -> str:
     return f"{rate:g}"
 
 
+def ema_keys(ema_rates: Sequence[float], ema_stds: Sequence[float] = ()) -> list[str]:
+    """The EMA dict keys of a run: its rates first, then its power profiles."""
+    return [ema_key(r) for r in ema_rates] + [std_key(s) for s in ema_stds]
+
+
 def create_train_state(
-    params: Any, tx: optax.GradientTransformation, ema_rates: Sequence[float]
+    params: Any,
+    tx: optax.GradientTransformation,
+    ema_rates: Sequence[float],
+    ema_stds: Sequence[float] = (),
 ) -> TrainState:
     """Builds the initial state: EMA copies start equal to ``params``.
 
+    Args:
+        params: the initial params.
+        tx: the optimizer.
+        ema_rates: constant EMA rates (``"0.999"`` keys).
+        ema_stds: power-function EMA profiles by relative std (``"std0.050"`` keys).
+
     Raises:
-        ValueError: if an EMA rate lies outside [0, 1).
+        ValueError: if an EMA rate lies outside [0, 1) or a std outside (0, 0.289).
     """
     for rate in ema_rates:
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"EMA rate must lie in [0, 1), got {rate}")
+    for std in ema_stds:
+        check_std(std, "ema_stds")
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        ema={ema_key(r): jax.tree.map(jnp.copy, params) for r in ema_rates},
+        ema={k: jax.tree.map(jnp.copy, params) for k in ema_keys(ema_rates, ema_stds)},
         opt_state=tx.init(params),
     )
 
 
 def update_ema(ema: dict[str, Any], params: Any, step: jax.Array, warmup: bool) -> dict[str, Any]:
-    """One EMA update per rate; with ``warmup`` the decay is ``min(rate, (1+t)/(10+t))``.
+    """One EMA update per key, after the optimizer update made at ``step``.
 
-    The warm-up keeps early EMA weights from being dominated by the random initialisation,
-    which matters for the short runs this library trains on a CPU.
+    A rate key decays by ``rate``, with ``warmup`` by ``min(rate, (1+t)/(10+t))``: the
+    warm-up keeps early EMA weights from being dominated by the random initialisation,
+    which matters for the short runs this library trains on a CPU. A power profile
+    (``"std0.050"``) uses EDM2's ``beta = (1 - 1/(step+1))^(gamma+1)``, which ramps up by
+    itself (the first update copies the params), so ``warmup`` does not apply to it.
     """
     out = {}
     for key, tree in ema.items():
+        std = key_std(key)
+        if std is not None:
+            out[key] = power_update(tree, params, power_weight(step, std_to_exp(std)))
+            continue
         decay = jnp.float32(float(key))
         if warmup:
             t = step.astype(jnp.float32)
@@ -111,12 +144,13 @@ def make_state_fns(
     sample_shape: tuple[int, ...],
     num_classes: int,
     ema_rates: tuple[float, ...],
+    ema_stds: tuple[float, ...] = (),
 ) -> tuple[Callable[[jax.Array], TrainState], TrainState]:
     """Returns ``init_fn(key) -> TrainState`` and the state's shardings on ``mesh``."""
     boxed_init = init_params_fn(model, sample_shape, num_classes)
 
     def init_fn(key):
-        return create_train_state(nn.unbox(boxed_init(key)), tx, ema_rates)
+        return create_train_state(nn.unbox(boxed_init(key)), tx, ema_rates, ema_stds)
 
     key = jax.random.key(0)
     p_shard = param_shardings(jax.eval_shape(boxed_init, key), mesh)
