@@ -15,6 +15,7 @@ from jaxdiff.data.arrays import NpySource
 from jaxdiff.data.augment import AUGMENT_LABEL, EdmAugment, random_flip
 from jaxdiff.data.digits import load_digits
 from jaxdiff.data.imagefolder import CorruptImageError, ImageFolderSource
+from jaxdiff.data.latents import LatentAugment, LatentSource, write_latents
 from jaxdiff.data.pipeline import Augmentation, BatchIterator, augment_keys, make_iterator
 from jaxdiff.data.registry import TOY_SPLIT_SIZES, dataset_names, get_dataset
 from jaxdiff.data.shard_writer import write_arrays
@@ -55,6 +56,8 @@ __all__ = [
     "EdmAugment",
     "GaussianMixture",
     "ImageFolderSource",
+    "LatentAugment",
+    "LatentSource",
     "NpySource",
     "ShardError",
     "TfdsSource",
@@ -74,4 +77,5 @@ __all__ = [
     "sample_two_moons",
     "stack_examples",
     "write_arrays",
+    "write_latents",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,7 @@ def dataset_names() -> list[str]:
             "arrayrecord",
             "digits",
             "imagefolder",
+            "latents",
             "npy",
             "synthetic_latents",
             *_TOY_SAMPLERS,
@@ -59,6 +61,10 @@ def get_dataset(
     path: str | None = None,
     image_size: int | None = None,
     skip_corrupt: bool = False,
+    latents: str = "sample",
+    latent_flip: bool | None = None,
+    latent_scale: Any = None,
+    latent_shift: Any = None,
 ) -> DataSource:
     """Returns a dataset split as a random-access source with ``.info`` metadata.
 
@@ -80,6 +86,10 @@ def get_dataset(
       :func:`jaxdiff.data.shard_writer.write_arrays` at ``path``
       (:class:`jaxdiff.data.shards.ArrayRecordSource`); ``image_size``, if given, must
       match the size the images were prepared at.
+    * ``"latents"``: VAE latents at ``path`` encoded by ``python -m
+      jaxdiff.pretrained.encode`` (:class:`jaxdiff.data.latents.LatentSource`): the scaled
+      posterior mean, or with ``latents="sample"`` a posterior sample per draw (apply the
+      source's ``.augmentation`` in :func:`make_iterator`).
     * Known TFDS names (``"cifar10"``, ``"mnist"``, ``"imagenet_resized/32x32"``, ...) and
       ``"tfds:<any tfds name>"``: read from ``data_dir`` via :func:`load_tfds`.
 
@@ -92,6 +102,11 @@ def get_dataset(
         image_size: Side of the square images an image folder is cropped to.
         skip_corrupt: Image folders: skip unreadable images (counted and reported)
             instead of raising.
+        latents: ``"latents"`` only: ``"sample"`` or ``"mean"`` (``config.data.latents``).
+        latent_flip: ``"latents"`` only: use the stored mirrored-image moments (``None``:
+            when stored).
+        latent_scale: ``"latents"`` only: override the VAE scale of the metadata.
+        latent_shift: ``"latents"`` only: override the VAE shift of the metadata.
 
     Returns:
         A source for :func:`make_iterator`; ``source.info`` holds ``image_shape``,
@@ -139,12 +154,41 @@ def get_dataset(
                 "written by python -m jaxdiff.data.prepare, holding dataset.json)"
             )
         source = ArrayRecordSource(path, name=name, split=split)
+        if "latents" in source.metadata:  # raw moments: training on them skips the scaling
+            raise InvalidArgumentError(
+                f"{path} holds VAE latents (written by python -m jaxdiff.pretrained.encode): "
+                "read it with --config.data.name=latents, which scales them"
+            )
         prepared_size = source.metadata.get("image_size")
         if image_size is not None and prepared_size not in (None, image_size):
             raise InvalidArgumentError(
                 f"{path} was prepared at image_size={prepared_size}, but "
                 f"--config.data.image_size={image_size}; pass {prepared_size} or prepare "
                 f"the images again with --image_size={image_size}"
+            )
+        return source
+    if canonical == "latents":
+        from jaxdiff.data.latents import LatentSource
+
+        if not path:
+            raise InvalidArgumentError(
+                "dataset 'latents' needs a path: pass --config.data.path=DIR (a folder "
+                "written by python -m jaxdiff.pretrained.encode)"
+            )
+        source = LatentSource(
+            path,
+            mode=latents,
+            flip=latent_flip,
+            scale=latent_scale,
+            shift=latent_shift,
+            name=name,
+            split=split,
+        )
+        encoded_size = source.metadata.get("image_size")
+        if image_size is not None and encoded_size not in (None, image_size):
+            raise InvalidArgumentError(
+                f"{path} holds latents of {encoded_size}px images, but "
+                f"--config.data.image_size={image_size}; pass {encoded_size} or leave it unset"
             )
         return source
     if canonical == "synthetic_latents":

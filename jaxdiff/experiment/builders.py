@@ -16,14 +16,22 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from jaxdiff.data import Augmentation, EdmAugment, get_dataset, make_iterator, random_flip
+from jaxdiff.data import (
+    Augmentation,
+    EdmAugment,
+    LatentSource,
+    get_dataset,
+    make_iterator,
+    random_flip,
+)
 from jaxdiff.diffusion import Formulation, get_formulation
 from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.models import create_model
 from jaxdiff.parallel import batch_size_per_device_check, make_mesh
 from jaxdiff.training.checkpoint import Checkpointer
 from jaxdiff.training.lock import WorkdirLock
-from jaxdiff.training.optim import make_optimizer
+from jaxdiff.training.optim import SCHEDULES, make_optimizer
+from jaxdiff.training.phema import STD_MAX
 from jaxdiff.utils import storage
 
 RUN_KEY = "_run"
@@ -46,9 +54,34 @@ def build_formulation(config: ml_collections.ConfigDict) -> Formulation:
     return get_formulation(config.formulation.name, **_section_kwargs(config.formulation))
 
 
-def build_optimizer(section: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The optimizer of an optimizer section (``config.optim``, ``config.critic_optim``)."""
-    return make_optimizer(**section.to_dict())
+def build_optimizer(
+    section: ml_collections.ConfigDict, key: str = "optim"
+) -> optax.GradientTransformation:
+    """The optimizer of an optimizer section (``config.optim``, ``config.critic_optim``).
+
+    Args:
+        section: the section; ``schedule`` is one of ``"cosine"`` (over ``decay_steps``;
+            None = no decay), ``"constant"`` and ``"inverse_sqrt"`` (EDM2's; ``decay_steps``
+            is its reference step).
+        key: the section's name in error messages.
+
+    Raises:
+        InvalidArgumentError: for an unknown schedule or a ``decay_steps`` it cannot use.
+    """
+    kwargs = section.to_dict()
+    schedule, decay = kwargs.get("schedule", "cosine"), kwargs.get("decay_steps")
+    _require(schedule in SCHEDULES, f"{key}.schedule", schedule, f"one of {list(SCHEDULES)}")
+    if decay is not None:
+        _require(decay >= 1, f"{key}.decay_steps", decay, ">= 1 (or None)")
+    if schedule == "inverse_sqrt":
+        want = "an integer >= 1 (the step t_ref after which schedule 'inverse_sqrt' decays)"
+        _require(decay is not None, f"{key}.decay_steps", decay, want)
+    if schedule == "constant" and decay is not None:
+        raise InvalidArgumentError(
+            f"config.{key}.schedule='constant' does not decay, but config.{key}.decay_steps="
+            f"{decay}: pass --config.{key}.decay_steps=None, or --config.{key}.schedule=cosine"
+        )
+    return make_optimizer(**kwargs)
 
 
 def build_mesh(config: ml_collections.ConfigDict) -> Mesh:
@@ -82,6 +115,7 @@ def check_loop_config(config: ml_collections.ConfigDict) -> None:
     _require(tc.get("sample_every", 0) >= 0, "train.sample_every", tc.get("sample_every"), ">= 0")
     for rate in tc.ema_rates:
         _require(0.0 <= rate < 1.0, "train.ema_rates", tuple(tc.ema_rates), "rates in [0, 1)")
+    _check_phema_config(tc)
     sc = config.sample
     _require(sc.grid_size >= 0, "sample.grid_size", sc.grid_size, ">= 0 (0 = no grid)")
     _require(sc.grid_scale >= 1, "sample.grid_scale", sc.grid_scale, ">= 1")
@@ -93,6 +127,21 @@ def check_loop_config(config: ml_collections.ConfigDict) -> None:
         _require(ec.every >= 0, "eval.every", ec.every, ">= 0")
         _require(ec.num >= 2, "eval.num", ec.num, ">= 2")
         _require(ec.batch_size >= 1, "eval.batch_size", ec.batch_size, ">= 1")
+
+
+def _check_phema_config(tc: ml_collections.ConfigDict) -> None:
+    stds, every = tuple(tc.get("ema_stds", ())), tc.get("phema_every", 0)
+    want = f"distinct relative stds in (0, {STD_MAX}) with at most 3 decimals, e.g. (0.05,0.1)"
+    for std in stds:
+        ok = 0.0 < std < STD_MAX and abs(round(std, 3) - std) < 1e-12
+        _require(ok and len(set(stds)) == len(stds), "train.ema_stds", stds, want)
+    _require(every >= 0, "train.phema_every", every, ">= 0 (0 = no post-hoc EMA snapshots)")
+    if every and not stds:
+        raise InvalidArgumentError(
+            f"config.train.phema_every={every} snapshots the power-function EMA profiles, but "
+            "config.train.ema_stds is empty: pass --config.train.ema_stds=(0.05,0.1) (EDM2's "
+            "profiles), or --config.train.phema_every=0"
+        )
 
 
 def build_data(
@@ -116,6 +165,11 @@ def build_data(
         path=dc.get("path"),
         image_size=dc.get("image_size"),
         skip_corrupt=bool(dc.get("skip_corrupt", False)),
+        # Only dataset "latents" reads these (see train/configs/common.py).
+        latents=dc.get("latents", "sample"),
+        latent_flip=dc.get("random_flip", False),
+        latent_scale=dc.get("latent_scale"),
+        latent_shift=dc.get("latent_shift"),
     )
     conditional = dc.get("conditional", True)
     if conditional is None:  # "auto": class-conditional exactly when the data has labels
@@ -131,7 +185,7 @@ def build_data(
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        augment=build_augmentation(config, dc),
+        augment=build_augmentation(config, dc, source),
         workers=_workers(dc),
     )
     return source, data, (source.info.num_classes or 0) if conditional else 0
@@ -148,19 +202,30 @@ def _workers(dc: ml_collections.ConfigDict) -> int:
 
 
 def build_augmentation(
-    config: ml_collections.ConfigDict, dc: ml_collections.ConfigDict
+    config: ml_collections.ConfigDict, dc: ml_collections.ConfigDict, source: Any = None
 ) -> Augmentation | None:
     """The host-side augmentation ``config.data`` asks for, checked against the model.
 
     ``data.random_flip`` mirrors half the images; ``data.augment="edm"`` is EDM's
     non-leaking pipeline at probability ``data.augment_p``, whose labels the network must
-    take (``model.augment_dim=9``).
+    take (``model.augment_dim=9``). Encoded latents (a :class:`LatentSource`) get the
+    source's own augmentation: posterior samples (``data.latents="sample"``) and the
+    stored mirrored-image latents (``data.random_flip``), never a flip of the latents.
 
     Raises:
         InvalidArgumentError: for an unknown augmentation, flip together with ``edm`` (it
-            flips already), or a model that cannot see EDM's augment labels.
+            flips already), ``edm`` on latents, or a model that cannot see EDM's augment
+            labels.
     """
     name, flip = dc.get("augment", "") or "", bool(dc.get("random_flip", False))
+    if isinstance(source, LatentSource):
+        if name:
+            raise InvalidArgumentError(
+                f"config.data.augment={name!r} transforms pixels, not VAE latents: set "
+                "--config.data.augment='' (flips come from encode --flip and "
+                "config.data.random_flip)"
+            )
+        return source.augmentation
     if name not in ("", "edm"):
         raise InvalidArgumentError(
             f"unknown config.data.augment={name!r}: use 'edm' (EDM's augmentation pipe) "

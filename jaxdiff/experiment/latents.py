@@ -19,7 +19,7 @@ import jax
 from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.experiment.runs import TrainedModel
 from jaxdiff.parallel import replicated
-from jaxdiff.pretrained.registry import load_pretrained
+from jaxdiff.pretrained.registry import load_vae
 from jaxdiff.pretrained.vae import LATENT_SCALINGS, LatentScaling, PretrainedVAE
 
 LATENT_KEY = "latents"
@@ -52,29 +52,6 @@ def latent_scaling(run: TrainedModel) -> LatentScaling | None:
         return None
     latent = getattr(run, "latent", None)
     return scaling_from_dict(latent) if latent else None
-
-
-def load_vae(
-    path: str | os.PathLike, scaling: LatentScaling | None = None, *, batch_size: int = 16
-) -> PretrainedVAE:
-    """A converted VAE file as a batched encoder/decoder.
-
-    Args:
-      path: A VAE converted by ``python -m jaxdiff.pretrained.convert``.
-      scaling: The latent space of the diffusion model; None takes the file's own
-        ``scaling_factor``.
-      batch_size: Images per jitted call.
-
-    Raises:
-      InvalidArgumentError: If the file holds another architecture.
-    """
-    pre = load_pretrained(path)
-    if pre.config["arch"] != "vae":
-        raise InvalidArgumentError(
-            f"--vae={path} holds a {pre.config['arch']!r} network, not a VAE: convert the "
-            "VAE's diffusion_pytorch_model.safetensors and pass that file"
-        )
-    return PretrainedVAE.from_params(pre.config, pre.params, scaling, batch_size=batch_size)
 
 
 def decoded_generate(

@@ -45,7 +45,8 @@ from jaxdiff.models import DiT
 from jaxdiff.parallel import batch_sharding, global_batch, is_main_process, make_sharded_generate
 from jaxdiff.training.checkpoint import Checkpointer
 from jaxdiff.training.loop import Hook, run_loop
-from jaxdiff.training.state import TrainState, abstract_state, ema_key, make_state_fns
+from jaxdiff.training.phema import make_snapshot_fn
+from jaxdiff.training.state import TrainState, abstract_state, ema_keys, make_state_fns
 from jaxdiff.training.step import jit_train_step, make_train_step
 from jaxdiff.training.writers import create_default_writer
 from jaxdiff.utils import storage
@@ -115,7 +116,10 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         # Keep transformer activations batch-sharded between blocks (see DiT's docstring).
         model = plain.clone(activation_sharding=batch_sharding(mesh))
     ema_rates = tuple(config.train.ema_rates)
-    init_fn, shardings = make_state_fns(plain, tx, mesh, sample_shape, num_classes, ema_rates)
+    ema_stds = tuple(config.train.get("ema_stds", ()))
+    init_fn, shardings = make_state_fns(
+        plain, tx, mesh, sample_shape, num_classes, ema_rates, ema_stds
+    )
     view = TrainedModel(
         config=config,
         model=plain,
@@ -159,10 +163,11 @@ def init_state(exp: Experiment, ckpt: Checkpointer) -> tuple[TrainState, int]:
     return state, step
 
 
-def first_ema(ema_rates: Any) -> Callable[[TrainState], Any]:
-    """``state -> params`` of the first EMA rate (the raw params if there is none)."""
-    rate = ema_key(ema_rates[0]) if ema_rates else None
-    return lambda state: state.ema[rate] if rate is not None else state.params
+def first_ema(ema_rates: Any, ema_stds: Any = ()) -> Callable[[TrainState], Any]:
+    """``state -> params`` of the first EMA rate, power profile (``std``) or the raw params."""
+    keys = ema_keys(ema_rates, ema_stds)
+    key = keys[0] if keys else None
+    return lambda state: state.ema[key] if key is not None else state.params
 
 
 def make_grid_hook(
@@ -202,6 +207,19 @@ def make_grid_hook(
     return Hook("samples", int(config.train.get("sample_every", 0)), write)
 
 
+def make_phema_hook(config: ml_collections.ConfigDict, workdir: str) -> Hook | None:
+    """Snapshots the ``config.train.ema_stds`` profiles to ``workdir/phema`` (None if off).
+
+    Runs every ``config.train.phema_every`` steps and at the last step, on every process
+    (the params are gathered), writing from process 0; see :mod:`jaxdiff.training.phema`.
+    """
+    every = int(config.train.get("phema_every", 0))
+    if every <= 0:
+        return None
+    stds = tuple(config.train.ema_stds)
+    return Hook("phema", every, make_snapshot_fn(storage.join(workdir, "phema"), stds))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainState:
     """Trains a diffusion model as ``config`` says, checkpointing and sampling in ``workdir``.
 
@@ -218,9 +236,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """
     exp = build_experiment(config)
     tc = config.train
-    params_of = first_ema(tc.ema_rates)
+    params_of = first_ema(tc.ema_rates, tc.get("ema_stds", ()))
     workdir = storage.to_str(workdir)
     hooks = [
+        make_phema_hook(config, workdir),
         make_grid_hook(config, exp.view, exp.sampler, params_of, workdir),
         make_eval_hook(config, exp.view, exp.sampler, params_of),
     ]
@@ -287,5 +306,6 @@ __all__ = [
     "first_ema",
     "init_state",
     "make_grid_hook",
+    "make_phema_hook",
     "train_and_evaluate",
 ]

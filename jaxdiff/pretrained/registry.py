@@ -234,6 +234,29 @@ def load_pretrained(path: str | os.PathLike, **overrides: Any) -> Pretrained:
     return Pretrained(config, model, formulation, params, boxed, meta, path)
 
 
+def load_vae(path: str | os.PathLike, scaling: Any = None, *, batch_size: int = 16) -> Any:
+    """A converted VAE file as a batched encoder/decoder (:class:`PretrainedVAE`).
+
+    Args:
+      path: A VAE converted by ``python -m jaxdiff.pretrained.convert``.
+      scaling: The diffusion model's :class:`~jaxdiff.pretrained.vae.LatentScaling`; None
+        takes the file's own ``scaling_factor``.
+      batch_size: Images per jitted call.
+
+    Raises:
+      WeightsError: If the file holds another architecture.
+    """
+    from jaxdiff.pretrained.vae import PretrainedVAE
+
+    pre = load_pretrained(path)
+    if pre.config["arch"] != "vae":
+        raise WeightsError(
+            f"{path} holds a {pre.config['arch']!r} network, not a VAE: convert the VAE's "
+            "diffusion_pytorch_model.safetensors and pass that file"
+        )
+    return PretrainedVAE.from_params(pre.config, pre.params, scaling, batch_size=batch_size)
+
+
 def convert_state_dict(
     tensors: Mapping[str, np.ndarray],
     *,
@@ -279,6 +302,7 @@ __all__ = [
     "detect_arch",
     "flatten_params",
     "load_pretrained",
+    "load_vae",
     "save_converted",
     "unflatten_params",
 ]

@@ -19,6 +19,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.augment = ""  # "edm": EDM's non-leaking augmentation (needs model.augment_dim=9)
     c.data.augment_p = 0.12  # probability scale of the "edm" augmentations
     c.data.workers = 0  # input worker processes (decode + augment); 0: in this process
+    # Dataset "latents" (shards of python -m jaxdiff.pretrained.encode): "sample" draws a
+    # fresh posterior sample mean + std * noise per epoch (DiT/REPA; the noise is keyed by
+    # seed and example position, so resuming is exact), "mean" uses the posterior mean.
+    # random_flip then picks the stored mirrored-image latents (encode --flip) for half the
+    # examples. The VAE scaling (raw - shift) * scale comes from the shards' metadata; set
+    # latent_scale / latent_shift (a number or one per channel) to override it.
+    c.data.latents = "sample"
+    c.data.latent_scale = ml_collections.FieldReference(None, field_type=object)
+    c.data.latent_shift = ml_collections.FieldReference(None, field_type=object)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "unet"
@@ -30,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.learning_rate = 1e-3
     c.optim.warmup_steps = 200
     c.optim.decay_steps = ml_collections.FieldReference(None, field_type=int)
+    # Learning-rate schedule after the warm-up: "cosine" (to 0 by decay_steps; None = no
+    # decay), "constant" (decay_steps None), or "inverse_sqrt", EDM2's
+    # lr / sqrt(max(step / decay_steps, 1)) (EDM2: decay_steps = its ref_batches, 70000).
+    c.optim.schedule = "cosine"
     c.optim.grad_clip = 1.0
     c.optim.weight_decay = 0.0
     c.optim.b1 = 0.9
@@ -41,6 +54,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.label_dropout = 0.1
     c.train.ema_rates = (0.999,)
     c.train.ema_warmup = True
+    # Power-function EMA profiles (EDM2) by relative std, kept as "std0.050"-style EMA keys
+    # beside ema_rates; EDM2 keeps (0.05, 0.1). Every phema_every steps (0 = never) they are
+    # written to WORKDIR/phema/ for post-hoc EMA: python -m jaxdiff.experiment.phema.
+    c.train.ema_stds = ()
+    c.train.phema_every = 0
     c.train.log_every = 100
     c.train.checkpoint_every = 1000
     c.train.sample_every = 0  # 0: only at the end
