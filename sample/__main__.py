@@ -51,7 +51,10 @@ _STUDENT = flags.DEFINE_string(
 )
 _SWITCH = flags.DEFINE_integer("switch_step", 1, "Base-model steps before the student runs.")
 _VAE = flags.DEFINE_string(
-    "vae", None, "Converted VAE (.safetensors) that decodes a latent model's samples to images."
+    "vae",
+    None,
+    "Converted VAE (.safetensors) that decodes a latent model's samples to images "
+    "(default: the run's config.vae.path).",
 )
 
 
@@ -121,7 +124,7 @@ def main(argv):
         guidance=_GUIDANCE.value,
     )
     print(f"sampler: {spec.describe()}")
-    vae = ex.run_vae(run, _VAE.value)
+    vae = ex.run_vae(run, _VAE.value or run.config.get("vae", {}).get("path"))
     if vae is None and ex.latent_scaling(run) is not None:
         print("latent samples: pass --vae=FILE to decode them; the grid shows raw channels")
     labels = ex.parse_labels(_LABELS.value, _NUM.value, run.num_classes)

@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -288,9 +289,33 @@ def check_resume(ckpt: Checkpointer, start: int, num_steps: int) -> None:
     ckpt.check_can_save(start)
 
 
-def run_metadata(num_classes: int, sample_shape: tuple[int, ...]) -> dict[str, Any]:
-    """What sampling needs to rebuild the model without opening the dataset."""
-    return {"num_classes": int(num_classes), "sample_shape": [int(d) for d in sample_shape]}
+def run_metadata(
+    num_classes: int, sample_shape: tuple[int, ...], latents: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What sampling needs to rebuild the model without opening the dataset.
+
+    ``latents`` (runs on encoded latents) records their scaling, so samples can be
+    decoded through a VAE later.
+    """
+    meta = {"num_classes": int(num_classes), "sample_shape": [int(d) for d in sample_shape]}
+    if latents is not None:
+        meta["latents"] = latents
+    return meta
+
+
+def latent_metadata(source: Any) -> dict[str, Any] | None:
+    """The scaling of a :class:`~jaxdiff.data.LatentSource` (None for other sources)."""
+    if not isinstance(source, LatentSource):
+        return None
+
+    def as_list(v: Any) -> list[float]:
+        return np.asarray(v, np.float64).reshape(-1).tolist()
+
+    return {
+        "scale": as_list(source.scale),
+        "shift": as_list(source.shift),
+        "pixel_range": source.metadata.get("latents", {}).get("pixel_range", [-1.0, 1.0]),
+    }
 
 
 __all__ = [
@@ -300,6 +325,7 @@ __all__ = [
     "build_mesh",
     "build_model",
     "build_optimizer",
+    "latent_metadata",
     "check_loop_config",
     "check_resume",
     "lock_workdir",

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from jaxdiff.experiment.generation import generate_fn
-from jaxdiff.experiment.latents import decoded_generate
+from jaxdiff.experiment.latents import decoded_generate, run_vae
 from jaxdiff.experiment.runs import TrainedModel
 from jaxdiff.experiment.sampling import SamplerSpec, resolve_sampler
 from jaxdiff.metrics import Evaluator, SampleEvalResult, get_evaluator, make_sample_and_evaluate_fn
@@ -110,19 +110,23 @@ def make_eval_hook(
     ec = config.get("eval")
     if ec is None or not ec.name or not ec.every:
         return None
+    # A latent run with config.vae.path set is evaluated on decoded images.
+    vae = run_vae(run, config.get("vae", {}).get("path"))
+    generate, _, shardings = decoded_generate(generate_fn(run, spec), run, vae)
     fn = make_sample_and_evaluate_fn(
-        generate_fn(run, spec),
+        generate,
         build_evaluator(ec.name, dataset=config.data.name),
         mesh=run.mesh,
         num=int(ec.num),
         labels=_labels(int(ec.num), run.num_classes, None),
         batch_size=int(ec.batch_size),
-        param_shardings=run.param_shardings,
+        param_shardings=shardings,
     )
 
     def evaluate(step: int, state: Any) -> dict[str, float]:
         del step
-        scores = fn(params_of(state), config.seed + 2).metrics
+        params = params_of(state) if vae is None else (params_of(state), vae.params)
+        scores = fn(params, config.seed + 2).metrics
         return {f"eval/{k}": v for k, v in scores.items()}
 
     return Hook("evaluate", int(ec.every), evaluate)

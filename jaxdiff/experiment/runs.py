@@ -47,6 +47,8 @@ class TrainedModel:
         mesh: the mesh the params live on.
         param_shardings: their NamedShardings (from the model's logical axes).
         which: which params: an EMA key such as ``"0.999"``, or ``"params"``.
+        latent: for a run trained on encoded latents, their scaling
+            (``{"scale", "shift", "pixel_range"}``), to decode samples through a VAE.
     """
 
     config: ml_collections.ConfigDict
@@ -59,6 +61,7 @@ class TrainedModel:
     mesh: Any = None
     param_shardings: Any = None
     which: str = "params"
+    latent: dict | None = None
 
 
 def _stored_config(ckpt_dir: str, workdir: Any, step: int | None = None) -> dict:
@@ -172,6 +175,7 @@ def load_run(
         mesh=mesh,
         param_shardings=shardings,
         which="params" if ema is None else ema,
+        latent=meta.get("latents"),
     )
 
 

@@ -34,11 +34,13 @@ from jaxdiff.experiment.builders import (
     build_optimizer,
     check_loop_config,
     check_resume,
+    latent_metadata,
     lock_workdir,
     run_metadata,
 )
 from jaxdiff.experiment.evaluate import make_eval_hook
 from jaxdiff.experiment.generation import generate_fn
+from jaxdiff.experiment.latents import run_vae
 from jaxdiff.experiment.runs import TrainedModel
 from jaxdiff.experiment.sampling import SamplerSpec, resolve_sampler
 from jaxdiff.models import DiT
@@ -130,6 +132,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         step=0,
         mesh=mesh,
         param_shardings=shardings.params,
+        latent=latent_metadata(source),
     )
     return Experiment(
         mesh=mesh,
@@ -195,13 +198,16 @@ def make_grid_hook(
         param_shardings=view.param_shardings,
     )
 
+    vae = run_vae(view, config.get("vae", {}).get("path"))
+
     def write(step: int, state: Any) -> None:
         images = draw(params_of(state), int(config.seed) + 1).samples
         if len(view.sample_shape) == 1:  # 2-D toy points: a density image instead
             images = render_points(images)[None]
         if is_main_process():
             path = storage.join(workdir, "samples", name.format(step=step))
-            save_image_grid(path, images, scale=int(config.sample.grid_scale))
+            decode = None if vae is None else vae.decode
+            save_image_grid(path, images, scale=int(config.sample.grid_scale), decode=decode)
             log.info("wrote samples to %s", path)
 
     return Hook("samples", int(config.train.get("sample_every", 0)), write)
@@ -274,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             exp.mesh,
         )
         key = jax.random.key(config.seed)
-        meta = run_metadata(exp.num_classes, exp.sample_shape)
+        meta = run_metadata(exp.num_classes, exp.sample_shape, exp.view.latent)
         saved_config = {**config.to_dict(), RUN_KEY: meta}
 
         def step_fn(state, step):

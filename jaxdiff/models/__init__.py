@@ -15,11 +15,12 @@ import flax.linen as nn
 
 from jaxdiff.models.classifier import Classifier
 from jaxdiff.models.dit import DIT_CONFIGS, DiT, dit_config
+from jaxdiff.models.edm2 import EDM2_CONFIGS, EDM2UNet, force_weight_norm
 from jaxdiff.models.layers import LOGICAL_AXES, VARIANTS
 from jaxdiff.models.mlp import MLP
 from jaxdiff.models.unet import UNet
 
-MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT, "mlp": MLP}
+MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT, "mlp": MLP, "edm2": EDM2UNet}
 """Model classes by factory name."""
 
 
@@ -27,8 +28,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Builds a model by name.
 
     Args:
-      name: ``"unet"``, ``"dit"`` or ``"mlp"`` (case-insensitive). For DiT a size may
-        follow, e.g. ``"dit-B/2"``, equivalent to ``DiT.from_name("B/2", **kwargs)``.
+      name: ``"unet"``, ``"dit"``, ``"mlp"`` or ``"edm2"`` (case-insensitive). For DiT a
+        size may follow, e.g. ``"dit-B/2"``, equivalent to ``DiT.from_name("B/2", **kwargs)``.
       **kwargs: Fields of the model class.
 
     Returns:
@@ -47,13 +48,16 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 __all__ = [
     "DIT_CONFIGS",
+    "EDM2_CONFIGS",
     "LOGICAL_AXES",
     "MLP",
     "MODELS",
     "VARIANTS",
     "Classifier",
     "DiT",
+    "EDM2UNet",
     "UNet",
     "create_model",
     "dit_config",
+    "force_weight_norm",
 ]

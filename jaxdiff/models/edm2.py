@@ -131,6 +131,11 @@ class EDM2UNet(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
+    @staticmethod
+    def project_params(params: Any) -> Any:
+        """The trainer's post-update constraint: :func:`force_weight_norm`."""
+        return force_weight_norm(params)
+
     def _labels(self, cond: jax.Array | None, batch: int) -> jax.Array:
         if cond is None:
             return jnp.zeros((batch, self.num_classes), jnp.float32)

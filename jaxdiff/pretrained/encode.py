@@ -223,10 +223,17 @@ def _check_dst(out: str, src: str, dataset: str) -> None:
             )
 
 
-def _load_vae(path: str) -> Any:
-    from jaxdiff.pretrained.registry import load_vae
+def _load_vae(path: str, scaling: str | None) -> Any:
+    from jaxdiff.pretrained.registry import load_pretrained, load_vae
+    from jaxdiff.pretrained.vae import LATENT_SCALINGS
 
-    return load_vae(path)
+    if scaling is not None and scaling not in LATENT_SCALINGS:
+        raise InvalidArgumentError(
+            f"--scaling must be one of {sorted(LATENT_SCALINGS)}, got {scaling!r}"
+        )
+    if scaling is None and load_pretrained(path).config.get("scaling_factor") is None:
+        scaling = "dit"  # the SD-VAE's own 0.18215, used by DiT, SiT and REPA
+    return load_vae(path, None if scaling is None else LATENT_SCALINGS[scaling])
 
 
 def _flag_path(flag: str, path: storage.PathLike) -> str:
@@ -268,6 +275,7 @@ def encode_dataset(
     *,
     vae_file: storage.PathLike,
     vae: Any = None,
+    scaling: str | None = None,
     dataset: str = "imagefolder",
     split: str = "train",
     image_size: int | None = None,
@@ -287,6 +295,10 @@ def encode_dataset(
         vae: The loaded VAE (default ``load_vae(vae_file)``): a
             :class:`~jaxdiff.pretrained.vae.PretrainedVAE`, or any object with a traceable
             ``encode_moments`` and a ``scaling`` with ``scale`` and ``shift``.
+        scaling: Latent space of the model to train, by name (``dit``, ``edm2``, ``sdxl``,
+            ``sd3``, ``flux``: :data:`jaxdiff.pretrained.vae.LATENT_SCALINGS`); it sets the
+            stored scale/shift and, for ``edm2``, the [0, 1] pixel range EDM2's VAE sees.
+            None: the VAE file's own ``scaling_factor``, else ``dit`` (0.18215).
         dataset: ``"imagefolder"``, ``"arrayrecord"`` or a TFDS name.
         split: Split to encode (TFDS).
         image_size: Square crop side (image folders; default 256), checked for others.
@@ -321,7 +333,7 @@ def encode_dataset(
         storage.makedirs(storage.join(out, MARKER_DIR))
     except OSError as err:
         raise InvalidArgumentError(f"--dst {out} cannot be created ({err})") from err
-    vae = _load_vae(vae_path) if vae is None else vae
+    vae = _load_vae(vae_path, scaling) if vae is None else vae
     identity, encoder = vae_file_info(vae_path), _Encoder(vae, batch_size=batch_size, flip=flip)
     latent_shape = encoder.latent_shape((size, size, 3))
     n, labelled = len(source), source.info.num_classes is not None
@@ -366,6 +378,8 @@ def encode_dataset(
     latents = latents_lib.latent_metadata(
         scale=scaling.scale, shift=scaling.shift, latent_shape=latent_shape, flipped=flip
     )
+    # The image range the VAE saw ([0, 1] for EDM2's latent space): decoding must match it.
+    latents["pixel_range"] = [float(v) for v in getattr(scaling, "pixel_range", (-1.0, 1.0))]
     shard_writer.write_metadata(
         out,
         features=features,
@@ -434,6 +448,7 @@ def _define_flags() -> dict[str, Any]:
         "src": f.DEFINE_string("src", None, "Image folder, prepared shards or TFDS dir.", **req),
         "dst": f.DEFINE_string("dst", None, "Output folder (local or gs://).", **req),
         "vae_file": f.DEFINE_string("vae", None, "Converted VAE file (.safetensors).", **req),
+        "scaling": f.DEFINE_string("scaling", None, "Latent space: dit, edm2, sdxl, sd3, flux."),
         "dataset": f.DEFINE_string("dataset", "imagefolder", "imagefolder, arrayrecord, TFDS."),
         "split": f.DEFINE_string("split", "train", "Split to encode (TFDS)."),
         "image_size": f.DEFINE_integer("image_size", None, "Crop side (default 256)."),

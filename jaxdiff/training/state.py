@@ -137,6 +137,15 @@ def init_params_fn(
     return boxed_init
 
 
+def param_projection(model: nn.Module) -> Callable[[Any], Any]:
+    """The model's constraint on its params, applied after init and every update.
+
+    A model class may define ``project_params(params) -> params`` (EDM2's forced weight
+    normalisation); others get the identity.
+    """
+    return getattr(model, "project_params", None) or (lambda params: params)
+
+
 def make_state_fns(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -148,9 +157,10 @@ def make_state_fns(
 ) -> tuple[Callable[[jax.Array], TrainState], TrainState]:
     """Returns ``init_fn(key) -> TrainState`` and the state's shardings on ``mesh``."""
     boxed_init = init_params_fn(model, sample_shape, num_classes)
+    project = param_projection(model)
 
     def init_fn(key):
-        return create_train_state(nn.unbox(boxed_init(key)), tx, ema_rates, ema_stds)
+        return create_train_state(project(nn.unbox(boxed_init(key))), tx, ema_rates, ema_stds)
 
     key = jax.random.key(0)
     p_shard = param_shardings(jax.eval_shape(boxed_init, key), mesh)

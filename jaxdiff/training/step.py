@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 from jaxdiff.data.augment import AUGMENT_LABEL
 from jaxdiff.diffusion.formulation import Formulation
 from jaxdiff.parallel import batch_sharding, replicated
-from jaxdiff.training.state import TrainState, update_ema
+from jaxdiff.training.state import TrainState, param_projection, update_ema
 
 Batch = dict[str, jax.Array]
 StepFn = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
@@ -101,6 +101,7 @@ def make_train_step(
         ema_warmup: use the ``(1+t)/(10+t)`` EMA warm-up.
     """
     loss_fn = make_loss_fn(model, formulation, num_classes=num_classes, label_dropout=label_dropout)
+    project = param_projection(model)  # e.g. EDM2's forced weight normalisation
 
     def train_step(state: TrainState, batch: Batch, key: jax.Array):
         step_key = jax.random.fold_in(key, state.step)
@@ -108,7 +109,7 @@ def make_train_step(
             state.params, batch, step_key
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = project(optax.apply_updates(state.params, updates))
         new_state = TrainState(
             step=state.step + 1,
             params=params,

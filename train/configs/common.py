@@ -29,6 +29,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.latent_scale = ml_collections.FieldReference(None, field_type=object)
     c.data.latent_shift = ml_collections.FieldReference(None, field_type=object)
 
+    # Latent runs: a converted VAE file (python -m jaxdiff.pretrained.convert) that decodes
+    # samples to images for grids, `python -m sample` and metrics; None shows raw channels.
+    c.vae = ml_collections.ConfigDict()
+    c.vae.path = ml_collections.FieldReference(None, field_type=str)
+
     c.model = ml_collections.ConfigDict()
     c.model.name = "unet"
 
