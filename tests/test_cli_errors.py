@@ -2,6 +2,7 @@
 traceback, and nothing in the workdir changed. One row per case."""
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = TINY_MODEL_FLAGS
 IMAGEFOLDER = "train/configs/imagefolder.py"
 STATS = "jaxdiff.metrics.reference_stats"
+CONVERT = "jaxdiff.pretrained.convert"
+ENCODE = "jaxdiff.pretrained.encode"
+PHEMA = "jaxdiff.experiment.phema"
 
 # (id, cli, arguments, text the error line must contain). RUN is the trained workdir,
 # NEW a path that does not exist yet, TMP a scratch directory, FILE an existing file.
@@ -84,6 +88,20 @@ CASES = [
         + ["--config.data.workers=0", *TINY],
         "TMP/images/a/bad.png",
     ),
+    ("vae-missing", "sample", ["--vae=/nonexistent.safetensors"], "nonexistent"),
+    ("vae-for-pixel-model", "sample", ["--vae=FILE"], "not latents"),
+    ("phema-not-made", "sample", ["--ema=phema:0.1"], "jaxdiff.experiment.phema"),
+    ("phema-every-without-stds", "train", ["--config.train.phema_every=5"], "ema_stds"),
+    ("lr-schedule-unknown", "train", ["--config.optim.schedule=linear"], "linear"),
+    ("convert-src-missing", CONVERT, ["--src=/no.pt", "--dst=NEW/x.safetensors"], "/no.pt"),
+    ("convert-dst-suffix", CONVERT, ["--src=FILE", "--dst=NEW/x.bin"], ".safetensors"),
+    ("convert-hash", CONVERT, ["--src=FILE", "--dst=NEW/x.safetensors", "--sha256=00ff"], "00ff"),
+    ("convert-unknown-type", CONVERT, ["--src=FILE", "--dst=NEW/x.safetensors"], "unknown"),
+    ("convert-evil-pickle", CONVERT, ["--src=TMP/evil.pkl", "--dst=NEW/x.safetensors"], "system"),
+    ("convert-arch", CONVERT, ["--src=FILE", "--dst=NEW/x.safetensors", "--arch=unet"], "unet"),
+    ("encode-vae-missing", ENCODE, ["--src=TMP/images", "--dst=NEW/z", "--vae=/v.st"], "/v.st"),
+    ("phema-no-snapshots", PHEMA, ["--workdir=RUN", "--std=0.1"], "phema_every"),
+    ("phema-std-range", PHEMA, ["--workdir=RUN", "--std=0.5"], "0.5"),
     ("stats-without-out", STATS, ["--dataset=digits", "--evaluator=fd_digits"], "--out"),
     (
         "stats-evaluator-mismatch",
@@ -94,6 +112,11 @@ CASES = [
 ]
 
 
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
 @pytest.fixture(scope="module")
 def places(tmp_path_factory, trained_run):
     run = trained_run
@@ -102,6 +125,8 @@ def places(tmp_path_factory, trained_run):
     (tmp / "a_file").write_text("not a directory\n")
     (tmp / "images" / "a").mkdir(parents=True)
     (tmp / "images" / "a" / "bad.png").write_bytes(b"\x89PNG, then garbage")
+    # A pickle that would run a shell command if unpickled naively (it never is).
+    (tmp / "evil.pkl").write_bytes(pickle.dumps(_Evil()))
     scratch = tmp_path_factory.mktemp("scratch_run") / "run"
     return {"RUN": run, "TMP": tmp, "FILE": tmp / "a_file", "NEW": tmp / "new", "SCRATCH": scratch}
 

@@ -248,7 +248,7 @@ def test_cli_missing_vae_is_one_line(images, tmp_path):
 
 
 def test_main_prints_a_summary(tiny_vae, images, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(encode, "_load_vae", lambda path: tiny_vae[0])
+    monkeypatch.setattr(encode, "_load_vae", lambda path, scaling: tiny_vae[0])
     flags = {
         "src": images,
         "dst": tmp_path / "out",
@@ -256,7 +256,7 @@ def test_main_prints_a_summary(tiny_vae, images, tmp_path, monkeypatch, capsys):
         "dataset": "imagefolder",
     }
     flags.update(split="train", image_size=SIZE, batch_size=8, flip=False, dtype="float32")
-    flags.update(num_shards=None, threads=2, progress=False)
+    flags.update(num_shards=None, threads=2, progress=False, scaling=None)
     encode.main(["encode"], {k: SimpleNamespace(value=v) for k, v in flags.items()})
     assert "wrote latents [4, 4, 4] of 16 images in 8 shards" in capsys.readouterr().out
 

@@ -29,8 +29,8 @@ from jaxdiff.metrics.inception_weights import (
     random_inception_variables,
     save_inception_variables,
 )
-from jaxdiff.metrics.weights import flatten_tree
 from jaxdiff.parallel import make_mesh
+from jaxdiff.utils.trees import flatten_tree
 
 FEATURES = jax.jit(inception_features)
 IMAGES = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)).astype(np.float32)

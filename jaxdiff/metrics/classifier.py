@@ -33,15 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.metrics.weights import (
-    arrays_from_bytes,
-    check_sha256,
-    flatten_tree,
-    save_arrays,
-    unflatten_tree,
-)
+from jaxdiff.metrics.weights import arrays_from_bytes, check_sha256, save_arrays
 from jaxdiff.models.classifier import Classifier
 from jaxdiff.utils import storage
+from jaxdiff.utils.trees import flatten_tree, unflatten_tree
 
 CLASSIFIER_PATH = Path(__file__).resolve().parent / "assets" / "digits_classifier.npz"
 """The shipped clean digits classifier (inside the package, so always a local file)."""

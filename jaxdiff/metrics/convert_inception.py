@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 
 from jaxdiff.metrics.inception_weights import save_inception_variables
-from jaxdiff.metrics.weights import file_sha256, unflatten_tree
+from jaxdiff.metrics.weights import file_sha256
 from jaxdiff.utils import storage
+from jaxdiff.utils.trees import unflatten_tree
 
 _IGNORED_PREFIXES = ("fc.", "AuxLogits.")
 _BN_NAMES = {

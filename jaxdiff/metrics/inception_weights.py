@@ -18,14 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.metrics.weights import (
-    ChecksumMismatchError,
-    flatten_tree,
-    load_arrays,
-    save_arrays,
-    unflatten_tree,
-)
+from jaxdiff.metrics.weights import ChecksumMismatchError, load_arrays, save_arrays
 from jaxdiff.utils import storage
+from jaxdiff.utils.trees import flatten_tree, unflatten_tree
 
 INCEPTION_WEIGHTS_ENV = "JAXDIFF_INCEPTION_WEIGHTS"
 """Environment variable naming the converted Inception ``.npz``."""

@@ -83,43 +83,6 @@ def check_sha256(
         )
 
 
-def flatten_tree(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    """Flattens nested dicts of arrays into ``{"a/b/c": array}``.
-
-    Args:
-      tree: Nested mappings with array leaves (e.g. unboxed Flax variables).
-      prefix: Key prefix (used in the recursion).
-
-    Returns:
-      A flat dict of numpy arrays.
-
-    Raises:
-      ValueError: If a key contains ``"/"``.
-    """
-    flat: dict[str, np.ndarray] = {}
-    for key, value in tree.items():
-        if "/" in str(key):
-            raise ValueError(f"key {key!r} contains '/', which separates levels")
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_tree(value, name + "/"))
-        else:
-            flat[name] = np.asarray(value)
-    return flat
-
-
-def unflatten_tree(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Inverse of :func:`flatten_tree`: ``{"a/b": x}`` -> ``{"a": {"b": x}}``."""
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
 def arrays_to_bytes(arrays: Mapping[str, Any]) -> bytes:
     """The deterministic, uncompressed ``.npz`` bytes of named arrays (see the module doc).
 

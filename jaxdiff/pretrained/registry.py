@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxdiff.diffusion import Formulation
 from jaxdiff.pretrained.weights_io import StateDict, WeightsError, read_weights, write_weights
+from jaxdiff.utils.trees import flatten_tree, unflatten_tree
 
 FORMAT = "jaxdiff-pretrained-v1"
 """Value of the ``jaxdiff.format`` metadata key of converted files."""
@@ -79,28 +80,14 @@ def detect_arch(keys: list[str], name: str = "") -> str:
     )
 
 
-def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    """Flattens a nested param dict to ``{"a/b/c": array}``."""
-    flat: dict[str, np.ndarray] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten_params(value, name + "/"))
-        else:
-            flat[name] = np.asarray(value)
-    return flat
+def flatten_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flattens a nested param dict to ``{"a/b/c": array}`` (the file's tensor names)."""
+    return flatten_tree(params)
 
 
 def unflatten_params(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """Inverse of :func:`flatten_params`."""
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
+    return unflatten_tree(flat)
 
 
 def abstract_params(module: nn.Module, config: Mapping[str, Any]) -> Any:
