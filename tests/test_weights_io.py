@@ -29,6 +29,8 @@ TENSORS = {
     "c": np.arange(4, dtype=np.int64),
     "d": np.array([[True, False]]),
     "e": np.float16([0.25]),
+    "scalar": np.array(2.5, np.float32),  # 0-d, like EDM2's gains
+    "strided": np.arange(12, dtype=np.float32).reshape(3, 4).T,  # not C-contiguous
 }
 
 
@@ -39,7 +41,7 @@ def test_round_trip_keeps_values_dtypes_and_metadata(tmp_path):
     assert meta["note"] == "hi" and meta[CHECKSUM_KEY] == digest
     assert set(tensors) == set(TENSORS)
     for name, want in TENSORS.items():
-        assert tensors[name].dtype == want.dtype
+        assert tensors[name].dtype == want.dtype and tensors[name].shape == want.shape
         np.testing.assert_array_equal(tensors[name], want)
 
 

@@ -146,7 +146,9 @@ def write_weights(
     header: dict[str, object] = {}
     chunks, offset = [], 0
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
+        arr = np.asarray(tensors[name])
+        if not arr.flags.c_contiguous:  # (np.ascontiguousarray would make 0-d arrays 1-d)
+            arr = arr.copy(order="C")
         if arr.dtype.newbyteorder("<") in _NAMES and arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         key = _NAMES.get(arr.dtype)
