@@ -140,10 +140,12 @@ def convert(
     config, params = registry.convert_state_dict(
         tensors, arch=arch, extra={**extra, **overrides}, source=src, **overrides
     )
+    del tensors  # the original's arrays: free them before the copy is read back
+    count = sum(int(np.prod(v.shape)) for v in registry.flatten_params(params).values())
     written = registry.save_converted(dst, config, params, source=src, source_sha256=digest)
+    del params
     if check:
         smoke_test(registry.load_pretrained(dst))
-    count = sum(int(np.prod(v.shape)) for v in registry.flatten_params(params).values())
     return Conversion(dst, config, count, digest, written, extra.get("entry"))
 
 

@@ -425,7 +425,7 @@ class PretrainedVAE:
           config: A VAE config (:data:`PRESETS`, :func:`infer_config`).
           params: The params (nested dict, boxed or not).
           scaling: The latent space; None takes the config's ``scaling_factor``.
-          batch_size: Examples per jitted call.
+          batch_size: Examples per jitted call (a smaller call runs at its own size).
           dtype: Compute dtype override (e.g. ``jnp.bfloat16``); params stay as given.
         """
         config = dict(config, **({"dtype": jnp.dtype(dtype).name} if dtype else {}))
@@ -446,7 +446,10 @@ class PretrainedVAE:
         return x
 
     def _batched(self, fn: Callable, arrays: Sequence[np.ndarray], *static: Any) -> Any:
-        n, bs, outs = len(arrays[0]), self.batch_size, []
+        # A call with fewer examples than batch_size runs at its own size: padding one
+        # 512x512 image to 16 would cost 16x the decoder's memory (GBs on a CPU).
+        n, outs = len(arrays[0]), []
+        bs = min(self.batch_size, n)
         for start in range(0, n, bs):
             chunk = [a[start : start + bs] for a in arrays]
             m = len(chunk[0])
