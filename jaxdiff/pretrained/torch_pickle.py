@@ -12,49 +12,44 @@ Published checkpoints come in three pickle-based layouts, all read here:
 The pickle is read by a restricted unpickler: only an allow-list of globals resolves
 (containers, torch's tensor-rebuild functions, storage classes and dtypes, module classes,
 EDM2's persistence hook, a few numpy constructors), and each resolves to an inert
-stand-in defined here. Module classes become :class:`_Stub` records of their ``__dict__``;
-embedded source code is never executed. Tensors stay lazy references until the chosen
-entry is flattened into state-dict names, so optimizer states are never read.
+stand-in (:mod:`jaxdiff.pretrained.torch_globals`). Module classes become ``Stub``
+records of their ``__dict__``; embedded source code is never executed. Tensors stay lazy
+references until the chosen entry is flattened into state-dict names, so optimizer
+states are never read.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import io
 import os
 import pickle
 import struct
-import types
 import zipfile
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
-import ml_dtypes
 import numpy as np
 
+from jaxdiff.pretrained.torch_globals import (
+    ALIASES,
+    DTYPES,
+    GLOBALS,
+    STORAGE_MODULES,
+    STORAGES,
+    Marker,
+    Storage,
+    Stub,
+    Tensor,
+    is_dtype,
+    stub_class,
+)
 from jaxdiff.pretrained.weights_io import WeightsError
 from jaxdiff.utils import storage as _files
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
-_BF16 = np.dtype(ml_dtypes.bfloat16)
-_STORAGES = {  # torch.<Name>Storage -> element dtype (little-endian on disk)
-    "Float": "<f4", "Half": "<f2", "BFloat16": _BF16, "Double": "<f8", "Long": "<i8",
-    "Int": "<i4", "Short": "<i2", "Char": "i1", "Byte": "u1", "Bool": "?", "Untyped": "u1",
-    "ComplexFloat": "<c8", "ComplexDouble": "<c16",
-}  # fmt: skip
-_DTYPES = {  # torch.<name> dtype objects (the argument of _rebuild_tensor_v3)
-    "float32": "<f4", "float": "<f4", "float16": "<f2", "half": "<f2", "bfloat16": _BF16,
-    "float64": "<f8", "double": "<f8", "int64": "<i8", "long": "<i8", "int32": "<i4",
-    "int": "<i4", "int16": "<i2", "short": "<i2", "int8": "i1", "uint8": "u1", "bool": "?",
-    "uint16": "<u2", "uint32": "<u4", "uint64": "<u8", "complex64": "<c8",
-    "complex128": "<c16", "float8_e4m3fn": ml_dtypes.float8_e4m3fn,
-    "float8_e5m2": ml_dtypes.float8_e5m2,
-}  # fmt: skip
-_STORAGE_MODULES = ("torch", "torch.cuda", "torch.storage")  # UntypedStorage: torch.storage
-_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # protocol-2 pickles' names
 
 
 @dataclasses.dataclass
@@ -72,175 +67,6 @@ class TorchFile:
 
     tensors: dict[str, np.ndarray]
     extra: dict[str, Any]
-
-
-class _Stub:
-    """Inert stand-in for an object of a module class: keeps its pickled ``__dict__``."""
-
-    qualname, persistent, state = "?", False, types.MappingProxyType({})
-
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) == 2:  # (__dict__, __slots__ values)
-            state = {**(state[0] or {}), **(state[1] or {})}
-        self.state = dict(state) if isinstance(state, Mapping) else {}
-
-
-@functools.cache
-def _stub_class(qualname: str) -> type:
-    return type(qualname.rsplit(".", 1)[-1], (_Stub,), {"qualname": qualname})
-
-
-class _Marker(NamedTuple):
-    """Stand-in for a class only passed as an argument (``torch.Tensor``, dtypes...)."""
-
-    name: str
-    dtype: np.dtype | None = None
-
-
-class _Storage:
-    """A lazily read torch storage of ``numel`` elements of ``dtype``."""
-
-    def __init__(self, dtype: np.dtype, numel: int, what: str):
-        self.dtype, self.numel, self.what = dtype, int(numel), what
-        self.load: Callable[[], bytes] | None = None
-        self.swap, self.array = False, None
-
-    def read(self) -> np.ndarray:
-        if self.array is None:
-            if self.load is None:
-                raise WeightsError(f"storage {self.what} has no data record")
-            raw, want = self.load(), self.numel * self.dtype.itemsize
-            if len(raw) != want:
-                raise WeightsError(
-                    f"storage {self.what} holds {len(raw)} bytes, expected {want} (the file "
-                    "is truncated or damaged; download it again)"
-                )
-            if self.swap and self.dtype.itemsize > 1:  # big-endian file: reverse each scalar
-                unit = self.dtype.itemsize // (2 if self.dtype.kind == "c" else 1)
-                raw = np.frombuffer(raw, np.uint8).reshape(-1, unit)[:, ::-1].tobytes()
-            self.array = np.frombuffer(raw, self.dtype)
-        return self.array
-
-
-@dataclasses.dataclass
-class _Tensor:
-    """A lazy tensor: a strided view into a :class:`_Storage` (offset and strides in elements)."""
-
-    storage: _Storage
-    offset: int
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: np.dtype
-
-    def numpy(self, key: str) -> np.ndarray:
-        arr = self.storage.read()
-        if arr.dtype != self.dtype:  # _rebuild_tensor_v3: a byte storage read as dtype
-            if arr.nbytes % self.dtype.itemsize:
-                raise WeightsError(f"tensor {key!r} does not fit its byte storage")
-            arr = arr.view(self.dtype)
-        if 0 in self.size:
-            return np.zeros(self.size, self.dtype)
-        last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True))
-        if self.offset < 0 or min(self.stride, default=0) < 0 or last >= arr.size:
-            raise WeightsError(
-                f"tensor {key!r} (shape {self.size}, strides {self.stride}, offset "
-                f"{self.offset}) reaches past its storage of {arr.size} elements"
-            )
-        strides = [s * arr.itemsize for s in self.stride]
-        view = np.lib.stride_tricks.as_strided(arr[self.offset :], self.size, strides)
-        return np.array(view, order="C", copy=True)
-
-
-def _is_dtype(x: Any) -> bool:
-    """Whether ``x`` is one of this module's torch dtype / storage class stand-ins."""
-    return isinstance(x, _Marker) and x.dtype is not None
-
-
-def _rebuild(storage: Any, offset: int, size: tuple, stride: tuple, *_: Any) -> _Tensor:
-    """``torch._utils._rebuild_tensor`` / ``_v2`` (requires_grad, hooks, metadata unused)."""
-    if not isinstance(storage, _Storage):
-        raise WeightsError(f"malformed tensor record: storage {storage!r}")
-    sizes, strides = tuple(map(int, size)), tuple(map(int, stride))
-    return _Tensor(storage, int(offset), sizes, strides, storage.dtype)
-
-
-def _rebuild_v3(storage, offset, size, stride, grad, hooks, dtype, *_: Any) -> _Tensor:
-    """``torch._utils._rebuild_tensor_v3``: the dtype comes apart from the (byte) storage."""
-    if not _is_dtype(dtype):
-        raise WeightsError(f"malformed tensor record: dtype {dtype!r}")
-    return dataclasses.replace(_rebuild(storage, offset, size, stride), dtype=dtype.dtype)
-
-
-def _persistent_obj(meta: Any) -> _Stub:
-    """``torch_utils.persistence._reconstruct_persistent_obj``, minus running its source."""
-    if not isinstance(meta, Mapping) or meta.get("type") != "class":
-        raise WeightsError(f"unsupported persistent object record {type(meta).__name__}")
-    obj = _stub_class(str(meta.get("class_name")))()
-    obj.__setstate__(meta.get("state") or {})
-    obj.persistent = True
-    return obj
-
-
-def _bytes(data: Any) -> bytes:
-    if not isinstance(data, (bytes, bytearray, memoryview, pickle.PickleBuffer)):
-        raise WeightsError(f"expected bytes in a numpy record, got {type(data).__name__}")
-    return bytes(data)
-
-
-def _np_dtype(spec: Any, align: bool = False, copy: bool = False) -> np.dtype:
-    if not isinstance(spec, (str, bytes)):
-        raise WeightsError(f"refusing numpy dtype spec {spec!r}")
-    return np.dtype(spec.decode() if isinstance(spec, bytes) else spec, align, copy)
-
-
-def _np_scalar(dtype: np.dtype, data: Any = None) -> Any:
-    if not isinstance(dtype, np.dtype):
-        raise WeightsError(f"refusing numpy scalar of {dtype!r}")
-    if dtype.hasobject:  # the value is an already unpickled object
-        return data
-    return np.frombuffer(_bytes(data), dtype, count=1)[0]
-
-
-def _np_reconstruct(subtype: _Marker, shape: Any, dtype: Any) -> np.ndarray:
-    if subtype != _Marker("numpy.ndarray"):
-        raise WeightsError(f"refusing numpy array subclass {subtype!r}")
-    # numpy pickles (0,) here and BUILD sets the real shape from the data, which numpy
-    # checks; ignoring ``shape`` keeps a forged one from allocating memory.
-    return np.ndarray.__new__(np.ndarray, (0,), dtype)
-
-
-def _np_frombuffer(buf: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
-    arr = np.frombuffer(_bytes(buf), dtype if isinstance(dtype, np.dtype) else _np_dtype(dtype))
-    return arr.reshape(shape, order=order).copy()
-
-
-_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    # How protocol-2 pickles spell bytes objects.
-    ("_codecs", "encode"): lambda text, encoding="latin1": str(text).encode("latin1"),
-    ("torch._utils", "_rebuild_tensor"): _rebuild,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_v3,
-    ("torch._utils", "_rebuild_parameter"): lambda data, *_: data,
-    ("torch._utils", "_rebuild_parameter_with_state"): lambda data, *_: data,
-    # A tensor subclass (with Python state) is read as its plain tensor.
-    ("torch._tensor", "_rebuild_from_type_v2"): lambda func, cls, args, *_: func(*args),
-    ("torch", "Tensor"): _Marker("torch.Tensor"),
-    ("torch.nn.parameter", "Parameter"): _Marker("torch.nn.Parameter"),
-    ("torch", "Size"): tuple,
-    ("torch", "device"): lambda *args: ":".join(map(str, args)),
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_obj,
-    ("dnnlib.util", "EasyDict"): dict,
-    ("dnnlib", "EasyDict"): dict,
-    ("argparse", "Namespace"): _stub_class("argparse.Namespace"),  # DiT/SiT "args" entry
-    ("numpy", "dtype"): _np_dtype,
-    ("numpy", "ndarray"): _Marker("numpy.ndarray"),  # only as _reconstruct's argument
-    **{(f"numpy.{m}.multiarray", "scalar"): _np_scalar for m in ("core", "_core")},
-    **{(f"numpy.{m}.multiarray", "_reconstruct"): _np_reconstruct for m in ("core", "_core")},
-    **{(f"numpy.{m}.numeric", "_frombuffer"): _np_frombuffer for m in ("core", "_core")},
-}
 
 
 class _Unpickler(pickle.Unpickler):
@@ -264,18 +90,18 @@ class _Reader:
         self.format = "pickle"
 
     def find_class(self, module: str, name: str) -> Any:
-        module = _ALIASES.get(module, module)
+        module = ALIASES.get(module, module)
         kind = name.removesuffix("Storage")
-        if module in _STORAGE_MODULES and name.endswith("Storage") and kind in _STORAGES:
-            return _Marker(f"torch.{name}", np.dtype(_STORAGES[kind]))
-        if module == "torch" and name in _DTYPES:
-            return _Marker(f"torch.{name}", np.dtype(_DTYPES[name]))
+        if module in STORAGE_MODULES and name.endswith("Storage") and kind in STORAGES:
+            return Marker(f"torch.{name}", np.dtype(STORAGES[kind]))
+        if module == "torch" and name in DTYPES:
+            return Marker(f"torch.{name}", np.dtype(DTYPES[name]))
         if (module, name) == ("torch.storage", "_load_from_bytes"):
             return self.from_bytes
         if module.startswith("torch.nn.modules.") and name.isidentifier():
-            return _stub_class(f"{module}.{name}")
-        if (module, name) in _GLOBALS:
-            return _GLOBALS[module, name]
+            return stub_class(f"{module}.{name}")
+        if (module, name) in GLOBALS:
+            return GLOBALS[module, name]
         raise WeightsError(
             f"refusing to load global '{module}.{name}': only tensors, containers and module "
             "state are read, never code (the file may be malicious, or hold an object outside "
@@ -314,18 +140,18 @@ class _Reader:
             raise WeightsError(f"unsupported legacy torch.save protocol (not {_LEGACY_PROTOCOL})")
         info = self.load(f)
         swap = isinstance(info, Mapping) and info.get("little_endian") is False
-        storages: dict[str, _Storage] = {}
+        storages: dict[str, Storage] = {}
 
         def persistent_load(pid: tuple) -> Any:
             kind = pid[0].decode() if isinstance(pid[0], bytes) else pid[0]
             if kind == "module" and len(pid) == 4:  # torch.save(model): the class itself
                 return pid[1]
-            if kind != "storage" or len(pid) != 6 or not _is_dtype(pid[1]):
+            if kind != "storage" or len(pid) != 6 or not is_dtype(pid[1]):
                 raise WeightsError(f"unknown persistent id {pid!r}")
             if pid[5] is not None:
                 raise WeightsError("pre-1.0 storage views are not supported")
             key = str(pid[2])
-            return storages.setdefault(key, _Storage(pid[1].dtype, pid[4], repr(key)))
+            return storages.setdefault(key, Storage(pid[1].dtype, pid[4], repr(key)))
 
         obj = self.load(f, persistent_load)
         for key in self.load(f):  # then each storage: its int64 numel, then its bytes
@@ -355,14 +181,14 @@ class _Reader:
         prefix = pkls[0].removesuffix("data.pkl")
         order = prefix + "byteorder"  # absent in old files, which were little-endian
         swap = order in names and _record(archive, order).strip() == b"big"
-        storages: dict[str, _Storage] = {}
+        storages: dict[str, Storage] = {}
 
-        def persistent_load(pid: tuple) -> _Storage:
-            if len(pid) != 5 or pid[0] != "storage" or not _is_dtype(pid[1]):
+        def persistent_load(pid: tuple) -> Storage:
+            if len(pid) != 5 or pid[0] != "storage" or not is_dtype(pid[1]):
                 raise WeightsError(f"unknown persistent id {pid!r}")
             name = f"{prefix}data/{pid[2]}"
             if name not in storages:
-                storages[name] = st = _Storage(pid[1].dtype, pid[4], repr(name))
+                storages[name] = st = Storage(pid[1].dtype, pid[4], repr(name))
                 st.load, st.swap = (lambda: _record(archive, name)), swap
             return storages[name]
 
@@ -387,7 +213,7 @@ def _select(obj: Any, entry: str | None) -> tuple[Any, str | None]:
         if isinstance(obj, Mapping) and entry in obj:
             return obj[entry], entry
         raise WeightsError(f"no top-level entry {entry!r} (the file holds {keys})")
-    if isinstance(obj, Mapping) and not all(isinstance(v, _Tensor) for v in obj.values()):
+    if isinstance(obj, Mapping) and not all(isinstance(v, Tensor) for v in obj.values()):
         for key in ("ema", "model"):
             if key in obj:
                 return obj[key], key
@@ -398,19 +224,19 @@ def _select(obj: Any, entry: str | None) -> tuple[Any, str | None]:
     return obj, None
 
 
-def _flatten(node: Any, prefix: str, out: dict[str, _Tensor], top: str = "") -> None:
+def _flatten(node: Any, prefix: str, out: dict[str, Tensor], top: str = "") -> None:
     """Walks a state dict (nested mappings) or module tree into ``state_dict()`` names."""
-    if isinstance(node, _Tensor) and prefix:
+    if isinstance(node, Tensor) and prefix:
         out[prefix] = node
         return
-    if isinstance(node, _Stub) and "_parameters" in node.state:
+    if isinstance(node, Stub) and "_parameters" in node.state:
         # torch's order: parameters, persistent buffers, then the children in turn.
         state, skip = node.state, set(node.state.get("_non_persistent_buffers_set") or ())
         params, buffers = state.get("_parameters") or {}, state.get("_buffers") or {}
         node = {**params, **{k: v for k, v in buffers.items() if k not in skip}}
         node.update(state.get("_modules") or {})
     elif not isinstance(node, Mapping):
-        what = node.qualname if isinstance(node, _Stub) else type(node).__name__
+        what = node.qualname if isinstance(node, Stub) else type(node).__name__
         raise WeightsError(
             f"{f'key {prefix!r}' if prefix else top} is a {what}, not a tensor, state dict or "
             "module; pass entry=<name> to choose another top-level entry"
@@ -424,12 +250,12 @@ def _has_tensor(x: Any, seen: set[int]) -> bool:
     if id(x) in seen:
         return False
     seen.add(id(x))
-    x = x.state if isinstance(x, _Stub) else x
+    x = x.state if isinstance(x, Stub) else x
     if isinstance(x, Mapping):
         x = list(x.values())
     if isinstance(x, (list, tuple, set, frozenset)):
         return any(_has_tensor(v, seen) for v in x)
-    return isinstance(x, (_Tensor, _Storage))
+    return isinstance(x, (Tensor, Storage))
 
 
 def _json(x: Any, depth: int = 0) -> Any:
@@ -440,18 +266,18 @@ def _json(x: Any, depth: int = 0) -> Any:
         return x
     if isinstance(x, (np.generic, np.ndarray)) and x.dtype.kind in "biuf":
         return x.tolist()
-    if isinstance(x, _Stub) and x.persistent:
+    if isinstance(x, Stub) and x.persistent:
         args = {k: _json(x.state.get(f"_{k}"), depth + 1) for k in ("init_args", "init_kwargs")}
         return {"class_name": x.qualname, **args}
-    if isinstance(x, _Stub):
+    if isinstance(x, Stub):
         return {"class_name": x.qualname, "state": _json(x.state, depth + 1)}
     if isinstance(x, Mapping):
         return {str(k): _json(v, depth + 1) for k, v in x.items()}
-    if isinstance(x, _Marker):  # a torch dtype, say
+    if isinstance(x, Marker):  # a torch dtype, say
         return x.name
     if isinstance(x, (list, tuple, set, frozenset)):
         return [_json(v, depth + 1) for v in x]
-    if isinstance(x, _Tensor):
+    if isinstance(x, Tensor):
         return f"<tensor {list(x.size)} {x.dtype}>"
     return f"<{len(x)} bytes>" if isinstance(x, (bytes, bytearray)) else repr(x)
 
@@ -460,7 +286,7 @@ def _read(f: Any, entry: str | None) -> TorchFile:
     reader = _Reader()
     obj = reader.read(f)
     root, used = _select(obj, entry)
-    flat: dict[str, _Tensor] = {}
+    flat: dict[str, Tensor] = {}
     _flatten(root, "", flat, f"entry {used!r}" if used else "the pickled object")
     if not flat:
         raise WeightsError(f"{f'entry {used!r}' if used else 'the file'} holds no tensors")
@@ -478,7 +304,7 @@ def _read(f: Any, entry: str | None) -> TorchFile:
         extra["other"] = {
             str(k): _json(v) for k, v in obj.items() if k != used and not _has_tensor(v, set())
         }
-    if isinstance(root, _Stub):
+    if isinstance(root, Stub):
         extra.update({k: v for k, v in _json(root).items() if k != "state"})
     return TorchFile(tensors, extra)
 
