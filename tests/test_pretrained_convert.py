@@ -123,7 +123,8 @@ def test_sample_command_takes_a_converted_file(dit_file, vae_file, tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "sampler: solver heun, 2 steps (Karras sigmas 157" in proc.stdout and out.exists()
+    assert out.exists()
+    assert "sampler: solver heun, 2 steps (Karras sigmas 157 -> 0.0101" in proc.stdout
     written = np.load(tmp_path / "grid.npz")
     assert written["samples"].shape == (4, 16, 16, 3) and written["latents"].shape == (4, 8, 8, 4)
 

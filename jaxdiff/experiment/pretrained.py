@@ -29,7 +29,8 @@ WEIGHT_SUFFIXES = (".safetensors",)
 # [0.002, 80], rho 7; its conditional nets have no null class, so plain CFG is off (use
 # autoguidance with an unconditional or smaller guide=, as EDM2 does).
 SAMPLE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dit": dict(solver="heun", steps=32, sigma_min=0.0064, sigma_max=157.0, rho=7.0,
+    # The discrete DDPM table spans sigma 0.0100005 (step 0) to 157.407 (step 999).
+    "dit": dict(solver="heun", steps=32, sigma_min=0.0101, sigma_max=157.0, rho=7.0,
                 guidance="cfg:4.0"),
     "sit": dict(solver="heun", steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0,
                 guidance="cfg:4.0"),
