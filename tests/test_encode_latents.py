@@ -27,6 +27,7 @@ from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.pretrained import encode, registry
 from jaxdiff.pretrained import vae as vae_lib
 from jaxdiff.pretrained.encode import MARKER_DIR, encode_dataset
+from jaxdiff.pretrained.vae_handle import PretrainedVAE
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 8  # images; the tiny VAE has 2 levels (downscale 2), so latents are 4x4x4
@@ -42,7 +43,7 @@ def tiny_vae(tmp_path_factory):
     params = jax.tree.map(np.asarray, nn.unbox(params))
     file = tmp_path_factory.mktemp("vae") / "vae.safetensors"
     registry.save_converted(file, config, params)
-    return vae_lib.PretrainedVAE.from_params(config, params), file
+    return PretrainedVAE.from_params(config, params), file
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import pytest
 
 from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.pretrained import vae as pv
+from jaxdiff.pretrained.vae_handle import PretrainedVAE
 from jaxdiff.pretrained.weights_io import StateDict, WeightsError
 
 GOLDENS = Path(__file__).parent / "goldens"
@@ -136,8 +137,8 @@ def test_pretrained_vae_batches_like_one_batch():
     params = _params(state, config)
     scaling = pv.LatentScaling((0.5, 1.0, 2.0, 0.25), 0.1)
     images = np.random.default_rng(1).uniform(-1, 1, (5, 16, 16, 3)).astype(np.float32)
-    small = pv.PretrainedVAE.from_params(config, params, scaling, batch_size=2)
-    whole = pv.PretrainedVAE.from_params(config, params, scaling, batch_size=8)
+    small = PretrainedVAE.from_params(config, params, scaling, batch_size=2)
+    whole = PretrainedVAE.from_params(config, params, scaling, batch_size=8)
     mean, std = small.encode_moments(images)
     assert mean.shape == std.shape == (5, 8, 8, 4) and mean.dtype == np.float32
     np.testing.assert_allclose(mean[:2], small.encode_moments(images[:2])[0])
@@ -161,7 +162,7 @@ def test_pretrained_vae_pixel_range_and_errors():
     config, state, g = _golden()
     params = _params(state, config)
     scaling = pv.LatentScaling(1.0, 0.0, pixel_range=(0.0, 1.0))  # EDM2 feeds [0, 1] pixels
-    vae = pv.PretrainedVAE.from_params(config, params, scaling, batch_size=2)
+    vae = PretrainedVAE.from_params(config, params, scaling, batch_size=2)
     mean, _ = vae.encode_moments(g["images"])
     want = _module_run(vae.module, params, (g["images"] + 1) / 2, "encode").mean
     np.testing.assert_allclose(mean, want, rtol=1e-5, atol=1e-5)
@@ -172,9 +173,9 @@ def test_pretrained_vae_pixel_range_and_errors():
     with pytest.raises(InvalidArgumentError, match="multiples of 2"):
         vae.encode(np.zeros((2, 15, 16, 3)))
     with pytest.raises(InvalidArgumentError, match="batch_size"):
-        pv.PretrainedVAE(vae.module, params, scaling, batch_size=0)
+        PretrainedVAE(vae.module, params, scaling, batch_size=0)
     with pytest.raises(InvalidArgumentError, match="scaling_factor"):
-        pv.PretrainedVAE.from_params({**config, "scaling_factor": None}, params)
+        PretrainedVAE.from_params({**config, "scaling_factor": None}, params)
 
 
 def test_convert_save_load_round_trip(tmp_path):
@@ -191,6 +192,6 @@ def test_convert_save_load_round_trip(tmp_path):
     pre = registry.load_pretrained(path)
     assert pre.formulation is None
     smoke_test(pre)
-    vae = pv.PretrainedVAE.from_params(pre.config, pre.params, pv.LATENT_SCALINGS["dit"])
+    vae = PretrainedVAE.from_params(pre.config, pre.params, pv.LATENT_SCALINGS["dit"])
     mean, _ = vae.encode_moments(g["images"])
     np.testing.assert_allclose(mean, g["mean"], rtol=1e-4, atol=1e-4)

@@ -20,7 +20,8 @@ from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.experiment.runs import TrainedModel
 from jaxdiff.parallel import replicated
 from jaxdiff.pretrained.registry import load_vae
-from jaxdiff.pretrained.vae import LATENT_SCALINGS, LatentScaling, PretrainedVAE
+from jaxdiff.pretrained.vae import LATENT_SCALINGS, LatentScaling
+from jaxdiff.pretrained.vae_handle import PretrainedVAE
 
 LATENT_KEY = "latents"
 """Key of the run metadata (``_run``) that records a latent run's scaling and VAE."""

@@ -104,7 +104,7 @@ class _Shard:
 def _moments_fn(vae: Any) -> tuple[Callable[[Any, jax.Array], tuple], Any]:
     """A pure ``(weights, images) -> (raw mean, raw std)`` for one jitted call, and weights.
 
-    :class:`~jaxdiff.pretrained.vae.PretrainedVAE` batches numpy arrays on the host, so
+    :class:`~jaxdiff.pretrained.vae_handle.PretrainedVAE` batches numpy arrays on the host, so
     its maths is traced here from its public ``module``, ``params`` and ``scaling``
     (tests check the result against its ``encode_moments``). Any other VAE's
     ``encode_moments`` must be traceable: a pytree VAE is passed as an argument; another
@@ -293,7 +293,7 @@ def encode_dataset(
         dst: Output folder (local or ``gs://``); rerunning resumes an interrupted run.
         vae_file: The converted VAE weight file (identity and config for the metadata).
         vae: The loaded VAE (default ``load_vae(vae_file)``): a
-            :class:`~jaxdiff.pretrained.vae.PretrainedVAE`, or any object with a traceable
+            :class:`~jaxdiff.pretrained.vae_handle.PretrainedVAE`, or any object with a traceable
             ``encode_moments`` and a ``scaling`` with ``scale`` and ``shift``.
         scaling: Latent space of the model to train, by name (``dit``, ``edm2``, ``sdxl``,
             ``sd3``, ``flux``: :data:`jaxdiff.pretrained.vae.LATENT_SCALINGS`); it sets the

@@ -233,7 +233,7 @@ def load_vae(path: str | os.PathLike, scaling: Any = None, *, batch_size: int = 
     Raises:
       WeightsError: If the file holds another architecture.
     """
-    from jaxdiff.pretrained.vae import PretrainedVAE
+    from jaxdiff.pretrained.vae_handle import PretrainedVAE
 
     pre = load_pretrained(path)
     if pre.config["arch"] != "vae":
