@@ -1,4 +1,4 @@
-"""Mode coverage of each divergence on a 1-D two-mode teacher (specs/distillation.md 5b, 5c).
+"""Mode coverage of each divergence on a 1-D two-mode teacher.
 
 Teacher ``0.5 N(-3, 0.5^2) + 0.5 N(3, 0.5^2)``; student: an equal mixture of
 ``N(m_k, 0.5^2)`` with trainable means started on one mode at (2.5, 3.5). sigma is
