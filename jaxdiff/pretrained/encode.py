@@ -224,16 +224,17 @@ def _check_dst(out: str, src: str, dataset: str) -> None:
 
 
 def _load_vae(path: str, scaling: str | None) -> Any:
-    from jaxdiff.pretrained.registry import load_pretrained, load_vae
+    from jaxdiff.pretrained.registry import load_vae
     from jaxdiff.pretrained.vae import LATENT_SCALINGS
 
     if scaling is not None and scaling not in LATENT_SCALINGS:
         raise InvalidArgumentError(
             f"--scaling must be one of {sorted(LATENT_SCALINGS)}, got {scaling!r}"
         )
-    if scaling is None and load_pretrained(path).config.get("scaling_factor") is None:
-        scaling = "dit"  # the SD-VAE's own 0.18215, used by DiT, SiT and REPA
-    return load_vae(path, None if scaling is None else LATENT_SCALINGS[scaling])
+    # Without --scaling and without a scaling_factor in the file: the SD-VAE's own
+    # 0.18215, used by DiT, SiT and REPA.
+    chosen = None if scaling is None else LATENT_SCALINGS[scaling]
+    return load_vae(path, chosen, fallback_scaling=LATENT_SCALINGS["dit"])
 
 
 def _flag_path(flag: str, path: storage.PathLike) -> str:

@@ -221,7 +221,13 @@ def load_pretrained(path: str | os.PathLike, **overrides: Any) -> Pretrained:
     return Pretrained(config, model, formulation, params, boxed, meta, path)
 
 
-def load_vae(path: str | os.PathLike, scaling: Any = None, *, batch_size: int = 16) -> Any:
+def load_vae(
+    path: str | os.PathLike,
+    scaling: Any = None,
+    *,
+    batch_size: int = 16,
+    fallback_scaling: Any = None,
+) -> Any:
     """A converted VAE file as a batched encoder/decoder (:class:`PretrainedVAE`).
 
     Args:
@@ -229,6 +235,8 @@ def load_vae(path: str | os.PathLike, scaling: Any = None, *, batch_size: int = 
       scaling: The diffusion model's :class:`~jaxdiff.pretrained.vae.LatentScaling`; None
         takes the file's own ``scaling_factor``.
       batch_size: Images per jitted call.
+      fallback_scaling: Used when ``scaling`` is None and the file has no
+        ``scaling_factor`` (weights converted without a diffusers ``config.json``).
 
     Raises:
       WeightsError: If the file holds another architecture.
@@ -241,6 +249,8 @@ def load_vae(path: str | os.PathLike, scaling: Any = None, *, batch_size: int = 
             f"{path} holds a {pre.config['arch']!r} network, not a VAE: convert the VAE's "
             "diffusion_pytorch_model.safetensors and pass that file"
         )
+    if scaling is None and pre.config.get("scaling_factor") is None:
+        scaling = fallback_scaling
     return PretrainedVAE.from_params(pre.config, pre.params, scaling, batch_size=batch_size)
 
 
