@@ -19,7 +19,7 @@ from jaxdiff.models.layers import (
 
 def test_logical_axes_vocabulary():
     assert set(LOGICAL_AXES) == {
-        "embed", "mlp", "heads", "kv", "vocab", "conv_h", "conv_w", "norm", "patch"
+        "embed", "mlp", "heads", "kv", "vocab", "conv_h", "conv_w", "norm", "patch", "layers"
     }  # fmt: skip
 
 

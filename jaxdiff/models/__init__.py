@@ -15,9 +15,17 @@ import flax.linen as nn
 
 from jaxdiff.models.classifier import Classifier
 from jaxdiff.models.dit import DIT_CONFIGS, DiT, dit_config
+from jaxdiff.models.dit_layout import stack_blocks, to_layout, unstack_blocks
 from jaxdiff.models.edm2 import EDM2_CONFIGS, EDM2UNet, force_weight_norm
-from jaxdiff.models.layers import LOGICAL_AXES, VARIANTS
+from jaxdiff.models.layers import (
+    ATTENTION_IMPLS,
+    LOGICAL_AXES,
+    VARIANTS,
+    cudnn_attention_calls,
+    resolve_attention,
+)
 from jaxdiff.models.mlp import MLP
+from jaxdiff.models.remat import REMAT_POLICIES, maybe_remat
 from jaxdiff.models.unet import UNet
 
 MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT, "mlp": MLP, "edm2": EDM2UNet}
@@ -47,17 +55,25 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 __all__ = [
+    "ATTENTION_IMPLS",
     "DIT_CONFIGS",
     "EDM2_CONFIGS",
     "LOGICAL_AXES",
     "MLP",
     "MODELS",
+    "REMAT_POLICIES",
     "VARIANTS",
     "Classifier",
     "DiT",
     "EDM2UNet",
     "UNet",
     "create_model",
+    "cudnn_attention_calls",
     "dit_config",
     "force_weight_norm",
+    "maybe_remat",
+    "resolve_attention",
+    "stack_blocks",
+    "to_layout",
+    "unstack_blocks",
 ]

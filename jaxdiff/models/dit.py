@@ -32,6 +32,12 @@ versions are not compatible with this module (their outputs change); retrain the
 
 Logical axes follow :mod:`jaxdiff.models.layers`; adaLN modulation kernels are
 ``("embed", "mlp")``.
+
+Fast paths (see the :class:`DiT` attributes): ``remat`` picks a rematerialisation policy
+(:mod:`jaxdiff.models.remat`) and ``scan_blocks`` runs the blocks under ``nn.scan``, whose
+params are the unrolled ones stacked on a leading ``"layers"`` axis under ``"blocks"``;
+:func:`stack_blocks`, :func:`unstack_blocks` and :func:`to_layout` convert checkpoints
+(e.g. the published weights, which load unrolled) between the two layouts.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.models.dit_layout import stack_blocks, to_layout, unstack_blocks
 from jaxdiff.models.layers import (
     ClassEmbedding,
     NoiseEmbedding,
@@ -51,6 +58,7 @@ from jaxdiff.models.layers import (
     dense,
     zeros,
 )
+from jaxdiff.models.remat import maybe_remat
 
 DIT_CONFIGS: dict[str, dict[str, int]] = {
     "S": dict(depth=12, hidden_size=384, num_heads=6),
@@ -163,22 +171,69 @@ class DiTBlock(nn.Module):
         Returns:
           ``[B, T, hidden_size]``.
         """
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        d = self.hidden_size
-        mod = dense(6 * d, ("embed", "mlp"), kernel_init=zeros, name="adaLN", **kw)(nn.silu(c))
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
+        return _block_forward(self, x, c, deterministic, pag)
 
-        h = modulate(_layer_norm(self.dtype)(x), shift_a, scale_a)
-        h = SelfAttention(self.num_heads, self.attention_impl, name="attn", **kw)(h, pag)
-        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        x = x + gate_a[:, None] * h
 
-        h = modulate(_layer_norm(self.dtype)(x), shift_m, scale_m)
-        h = dense(int(d * self.mlp_ratio), ("embed", "mlp"), name="fc1", **kw)(h)
-        h = nn.gelu(h, approximate=True)
-        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        h = dense(d, ("mlp", "embed"), name="fc2", **kw)(h)
-        return x + gate_m[:, None] * h
+def _block_forward(
+    block: DiTBlock, x: jax.Array, c: jax.Array, deterministic: bool, pag: bool | jax.Array
+) -> jax.Array:
+    """The block's maths, shared by the unrolled and the scanned block.
+
+    Called inside the block's compact ``__call__``, so the submodules belong to it.
+    ``pag`` is a Python bool (static: one attention path is traced) or a traced scalar
+    bool (scanned blocks: both paths run and the flag selects one).
+    """
+    kw = dict(dtype=block.dtype, param_dtype=block.param_dtype)
+    d = block.hidden_size
+    mod = dense(6 * d, ("embed", "mlp"), kernel_init=zeros, name="adaLN", **kw)(nn.silu(c))
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
+
+    h = modulate(_layer_norm(block.dtype)(x), shift_a, scale_a)
+    attn = SelfAttention(block.num_heads, block.attention_impl, name="attn", **kw)
+    if isinstance(pag, bool):
+        h = attn(h, pag)
+    else:  # one module called twice: both paths share the attention's params
+        h = jnp.where(pag, attn(h, True), attn(h, False))
+    h = nn.Dropout(block.dropout)(h, deterministic=deterministic)
+    x = x + gate_a[:, None] * h
+
+    h = modulate(_layer_norm(block.dtype)(x), shift_m, scale_m)
+    h = dense(int(d * block.mlp_ratio), ("embed", "mlp"), name="fc1", **kw)(h)
+    h = nn.gelu(h, approximate=True)
+    h = nn.Dropout(block.dropout)(h, deterministic=deterministic)
+    h = dense(d, ("mlp", "embed"), name="fc2", **kw)(h)
+    return x + gate_m[:, None] * h
+
+
+class _ScannedDiTBlock(DiTBlock):
+    """A :class:`DiTBlock` in the ``(carry, *xs) -> (carry, ys)`` form of ``nn.scan``.
+
+    The carry is the token array; ``c`` is broadcast to every step and ``flag`` (only
+    with a guidance variant) is the step's scalar bool: identity attention for
+    ``"pag"``, skip the block for ``"slg"``.
+
+    Attributes:
+      deterministic: Disables dropout.
+      variant: None, ``"pag"`` or ``"slg"``.
+      activation_sharding: Sharding constraint of the block's output (or None).
+    """
+
+    deterministic: bool = True
+    variant: str | None = None
+    activation_sharding: Any = None
+
+    @nn.compact
+    def __call__(  # type: ignore[override]
+        self, x: jax.Array, c: jax.Array, flag: jax.Array | None = None
+    ) -> tuple[jax.Array, None]:
+        """Applies one block; returns ``(tokens, None)``."""
+        pag = flag if self.variant == "pag" else False
+        h = _block_forward(self, x, c, self.deterministic, pag)
+        if self.variant == "slg":
+            h = jnp.where(flag, x, h)  # skip-layer guidance: the block is the identity
+        if self.activation_sharding is not None:
+            h = jax.lax.with_sharding_constraint(h, self.activation_sharding)
+        return h, None
 
 
 class DiT(nn.Module):
@@ -213,7 +268,22 @@ class DiT(nn.Module):
         ``return_all_channels``. Needed to load the published DiT/SiT weights.
       return_all_channels: With ``learn_sigma``, return all ``2 C`` channels (the
         reference's full output) instead of the first ``C``.
-      remat: Rematerialise each block in the backward pass (saves memory).
+      remat: Rematerialisation policy of each block, a name from
+        :data:`jaxdiff.models.remat.REMAT_POLICIES`: ``"none"`` (keep all activations:
+        fastest, most memory), ``"dots"`` (keep the dense layers' matmul outputs,
+        recompute the memory-bound elementwise ops and attention: most of the memory
+        saving for little extra time) or ``"full"`` (keep only each block's input and
+        recompute the block: least memory, ~ +33% FLOPs per training step). ``True`` /
+        ``False`` mean ``"full"`` / ``"none"``.
+      scan_blocks: Run the ``depth`` blocks under ``nn.scan``: one block is traced and
+        compiled whatever the depth (constant compile time for deep models such as
+        DiT-XL/2), and its params live under ``"blocks"`` with a leading axis of size
+        ``depth`` (logical axis ``"layers"``) instead of ``block_0 .. block_{depth-1}``.
+        Off by default: scanning can cost step time (measured slower on an H100), and
+        the ``"pag"``/``"slg"`` variants then run every block's full computation and
+        select per block. The outputs are the same either way; convert params between
+        the layouts with :func:`stack_blocks`, :func:`unstack_blocks` or
+        :func:`to_layout`. Composes with ``remat`` (each scanned step is rematerialised).
       activation_sharding: Optional ``jax.sharding.Sharding`` for the ``[B, T, D]``
         activations between blocks (e.g. batch over ``('data', 'fsdp')``, the rest
         replicated). With FSDP or tensor parallelism it stops XLA from resharding
@@ -237,7 +307,8 @@ class DiT(nn.Module):
     skip_layers: tuple[int, ...] | None = None
     learn_sigma: bool = False
     return_all_channels: bool = False
-    remat: bool = False
+    remat: str | bool = "none"
+    scan_blocks: bool = False
     activation_sharding: Any = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -261,6 +332,44 @@ class DiT(nn.Module):
         if bad:
             raise ValueError(f"{field} {bad} out of range for depth {self.depth}")
         return frozenset(i % self.depth for i in chosen)
+
+    def _scanned_blocks(
+        self,
+        h: jax.Array,
+        c: jax.Array,
+        block_args: tuple,
+        block_kw: dict,
+        train: bool,
+        variant: str | None,
+        pag: frozenset[int],
+        skip: frozenset[int],
+    ) -> jax.Array:
+        """Runs the blocks under ``nn.scan``: params under ``"blocks"``, stacked on axis 0."""
+        if self.depth == 0:
+            return h
+        # Remat first, then scan, so each step's activations are recomputed in the
+        # backward pass; CSE prevention is unnecessary inside a scan.
+        block_cls = maybe_remat(_ScannedDiTBlock, self.remat, prevent_cse=False)
+        chosen = pag if variant == "pag" else skip
+        # Per-block flags only when a variant needs them: variant None adds no work.
+        flags = () if variant is None else (jnp.asarray([i in chosen for i in range(self.depth)]),)
+        blocks = nn.scan(
+            block_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) + (0,) * len(flags),
+            length=self.depth,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(
+            *block_args,
+            deterministic=not train,
+            variant=variant,
+            activation_sharding=self.activation_sharding,
+            name="blocks",
+            **block_kw,
+        )
+        h, _ = blocks(h, c, *flags)
+        return h
 
     @nn.compact
     def __call__(
@@ -318,22 +427,19 @@ class DiT(nn.Module):
                 cond, b
             )
 
-        block_cls = nn.remat(DiTBlock, static_argnums=(3, 4)) if self.remat else DiTBlock
-        for i in range(self.depth):
-            block = block_cls(
-                self.hidden_size,
-                self.num_heads,
-                self.mlp_ratio,
-                self.dropout,
-                self.attention_impl,
-                name=f"block_{i}",
-                **kw,
-            )
-            if i in skip and not self.is_initializing():
-                continue  # skip-layer guidance: the block is the identity
-            h = block(h, c, not train, i in pag)
-            if self.activation_sharding is not None:
-                h = jax.lax.with_sharding_constraint(h, self.activation_sharding)
+        block_args = (self.hidden_size, self.num_heads, self.mlp_ratio, self.dropout)
+        block_kw = dict(attention_impl=self.attention_impl, **kw)
+        if self.scan_blocks:
+            h = self._scanned_blocks(h, c, block_args, block_kw, train, variant, pag, skip)
+        else:
+            block_cls = maybe_remat(DiTBlock, self.remat, static_argnums=(3, 4))
+            for i in range(self.depth):
+                block = block_cls(*block_args, name=f"block_{i}", **block_kw)
+                if i in skip and not self.is_initializing():
+                    continue  # skip-layer guidance: the block is the identity
+                h = block(h, c, not train, i in pag)
+                if self.activation_sharding is not None:
+                    h = jax.lax.with_sharding_constraint(h, self.activation_sharding)
 
         # Final layer: adaLN (shift, scale) then a zero-initialised linear map.
         shift, scale = jnp.split(
@@ -350,3 +456,19 @@ class DiT(nn.Module):
         out = out.reshape(b, gh, gw, p, p, out_ch).transpose(0, 1, 3, 2, 4, 5)
         out = out.reshape(b, height, width, out_ch).astype(jnp.float32)
         return out if self.return_all_channels else out[..., :channels]
+
+
+# Param layouts: unrolled blocks ``block_0 .. block_{depth-1}`` (``scan_blocks=False``)
+# or one ``blocks`` subtree whose leaves have a leading ``depth`` axis (``scan_blocks=True``).
+
+__all__ = [
+    "DIT_CONFIGS",
+    "DiT",
+    "DiTBlock",
+    "dit_config",
+    "modulate",
+    "sincos_2d",
+    "stack_blocks",
+    "to_layout",
+    "unstack_blocks",
+]

@@ -11,7 +11,9 @@ Every parameter is created through :func:`flax.linen.with_logical_partitioning`,
   the 3-way q/k/v split), output kernel ``("heads", "kv", "embed")``;
 * 2-D conv kernels ``("conv_h", "conv_w", "embed", "mlp")``, bias ``("mlp",)``;
 * norm scales and biases ``("norm",)``; class table ``("vocab", "embed")``;
-  patch embedding ``("patch", "embed")``.
+  patch embedding ``("patch", "embed")``;
+* params stacked by ``nn.scan`` (DiT's ``scan_blocks``) carry a leading ``"layers"``
+  axis, which the default rules never shard.
 
 Params are wrapped in :class:`flax.linen.Partitioned` boxes; ``nn.unbox`` /
 ``flax.linen.meta.unbox`` strips them (``Module.apply`` accepts either form).
@@ -37,6 +39,7 @@ LOGICAL_AXES: tuple[str, ...] = (
     "conv_w",
     "norm",
     "patch",
+    "layers",
 )
 """Logical axis names used by every jaxdiff model parameter."""
 
@@ -282,11 +285,72 @@ class ClassEmbedding(nn.Module):
         return table(jnp.asarray(cond, jnp.int32))
 
 
+ATTENTION_IMPLS: tuple[str | None, ...] = (None, "auto", "xla", "cudnn")
+"""Values of the models' ``attention_impl`` (None means ``"auto"``)."""
+
+CUDNN_ATTENTION_TARGET = "__cudnn$fmha"
+"""Prefix of the custom-call targets of cuDNN's fused attention in compiled HLO."""
+
+# cuDNN's fused attention takes head dims that are multiples of 8 up to 128 on every GPU it
+# supports (256 from Hopper on); 128 keeps "auto" safe on all of them.
+_CUDNN_MAX_HEAD_DIM = 128
+
+
+def resolve_attention(implementation: str | None, dtype: jnp.dtype, head_dim: int) -> str:
+    """The ``implementation=`` of ``jax.nn.dot_product_attention`` to use.
+
+    ``"auto"`` (or None) picks cuDNN's fused flash attention on a GPU when the compute
+    dtype is bfloat16/float16 and the head dim is a multiple of 8 up to 128, which is
+    when cuDNN accepts the shapes; everywhere else (CPU, TPU, float32) it picks XLA's
+    einsum path. ``jax.nn.dot_product_attention`` itself treats None as XLA, so without
+    this a GPU run would never reach cuDNN.
+
+    Args:
+      implementation: None, ``"auto"``, ``"xla"`` or ``"cudnn"``.
+      dtype: Compute dtype of q, k and v.
+      head_dim: Width of one head.
+
+    Returns:
+      ``"xla"`` or ``"cudnn"``.
+
+    Raises:
+      ValueError: For an unknown implementation.
+    """
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(
+            f"unknown attention_impl {implementation!r}; allowed: {ATTENTION_IMPLS} "
+            "(None and 'auto' pick cuDNN on GPU for bf16/fp16, XLA elsewhere)"
+        )
+    if implementation in ("xla", "cudnn"):
+        return implementation
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    fits = head_dim % 8 == 0 and head_dim <= _CUDNN_MAX_HEAD_DIM
+    return "cudnn" if jax.default_backend() == "gpu" and half and fits else "xla"
+
+
+def cudnn_attention_calls(hlo_text: str) -> int:
+    """Number of cuDNN fused-attention custom calls in compiled HLO text.
+
+    Use it to check that the fast path really runs, e.g.
+    ``cudnn_attention_calls(jax.jit(f).lower(*args).compile().as_text())``: a forward
+    pass has one call per attention layer, a training step one more per layer for the
+    backward kernel.
+
+    Args:
+      hlo_text: Text of a compiled (optimised) HLO module.
+
+    Returns:
+      How many instructions call a ``__cudnn$fmha*`` target.
+    """
+    return hlo_text.count(f'custom_call_target="{CUDNN_ATTENTION_TARGET}')
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention over a token sequence ``[B, T, C]``.
 
-    Attention runs through :func:`jax.nn.dot_product_attention`; ``implementation``
-    is passed through (None lets JAX pick XLA; ``"cudnn"`` needs bf16/fp16 on a GPU).
+    Attention runs through :func:`jax.nn.dot_product_attention` with the implementation
+    :func:`resolve_attention` picks: cuDNN's fused kernel on a GPU in bf16/fp16, XLA
+    elsewhere (``"xla"`` or ``"cudnn"`` force one; cuDNN raises on shapes it cannot take).
 
     With ``identity=True`` the attention map is replaced by the identity, so each
     token's output is its own value vector (then the output projection as usual).
@@ -294,7 +358,8 @@ class SelfAttention(nn.Module):
 
     Attributes:
       num_heads: Number of heads; ``C`` must be divisible by it.
-      implementation: ``implementation=`` argument of ``dot_product_attention``.
+      implementation: None/``"auto"``, ``"xla"`` or ``"cudnn"`` (see
+        :func:`resolve_attention`).
       zero_init_out: Zero-initialise the output projection (block starts as identity).
       dtype: Compute dtype.
       param_dtype: Parameter dtype.
@@ -333,7 +398,8 @@ class SelfAttention(nn.Module):
         if identity:
             h = v
         else:
-            h = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+            impl = resolve_attention(self.implementation, q.dtype, head_dim)
+            h = jax.nn.dot_product_attention(q, k, v, implementation=impl)
         return nn.DenseGeneral(
             c,
             axis=(-2, -1),
