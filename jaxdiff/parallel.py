@@ -9,6 +9,7 @@ data-parallel, FSDP or tensor-parallel by changing only the mesh shape and the r
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff.utils.rng import per_sample_keys
@@ -38,6 +40,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_h", None),
     ("conv_w", None),
     ("norm", None),
+    ("layers", None),
 )
 DATA_PARALLEL_RULES: tuple[tuple[str, Any], ...] = ()
 """Rules that replicate every parameter."""
@@ -52,25 +55,35 @@ def make_mesh(
 ) -> Mesh:
     """Builds the ``('data', 'fsdp', 'tensor')`` mesh with Auto axis types.
 
+    The device order follows the hardware topology: :func:`jax.make_mesh` lays the axes
+    over the physical interconnect (ICI torus on TPU, NVLink islands on GPU) so that the
+    innermost axes ('tensor', then 'fsdp') get the closest devices. On a multi-slice TPU
+    job (devices with more than one ``slice_index``) the mesh is hybrid: the slices split
+    the 'data' axis across the data-centre network (DCN), which then carries only the
+    gradient all-reduce, and each slice's devices form the rest of the mesh over ICI.
+
     Args:
         data: size of the data-parallel axis; -1 takes all remaining devices.
         fsdp: size of the parameter-sharding axis.
         tensor: size of the tensor-parallel axis.
         devices: devices to use (default: all of ``jax.devices()``).
         num_devices: use only the first this many devices (-1 = all); mainly for tests
-            and for restoring a checkpoint onto a smaller mesh.
+            and for restoring a checkpoint onto a smaller mesh. A subset is laid out in
+            ``jax.devices()`` order, since it need not form a whole physical topology.
 
     Returns:
         The mesh.
 
     Raises:
-        ValueError: if the axis sizes do not multiply to the number of devices.
+        ValueError: if the axis sizes do not multiply to the number of devices, or the
+            slices of a multi-slice job do not divide the 'data' axis.
     """
+    explicit = devices is not None
     devices = list(jax.devices() if devices is None else devices)
     if num_devices != -1:
         if not 1 <= num_devices <= len(devices):
             raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices exist")
-        devices = devices[:num_devices]
+        devices, explicit = devices[:num_devices], num_devices < len(devices) or explicit
     n = len(devices)
     if data == -1:
         if fsdp < 1 or tensor < 1 or n % (fsdp * tensor):
@@ -84,9 +97,28 @@ def make_mesh(
             f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
             f"does not match the {n} devices: set data=-1 to fill the rest automatically"
         )
-    grid = np.asarray(devices).reshape(data, fsdp, tensor)
+    shape = (data, fsdp, tensor)
     auto = (jax.sharding.AxisType.Auto,) * 3
-    return Mesh(grid, MESH_AXES, axis_types=auto)
+    slices = num_slices(devices)
+    if slices > 1:
+        if data % slices:
+            raise ValueError(
+                f"mesh data={data} is not divisible by the {slices} slices of this job: the "
+                "slices split the 'data' axis, so use a data size that is a multiple of "
+                f"{slices} (e.g. data=-1 with fsdp x tensor dividing one slice's devices)"
+            )
+        grid = mesh_utils.create_hybrid_device_mesh(
+            (data // slices, fsdp, tensor), (slices, 1, 1), devices
+        )
+        return Mesh(grid, MESH_AXES, axis_types=auto)
+    if explicit:
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+    return jax.make_mesh(shape, MESH_AXES, auto, devices=devices)
+
+
+def num_slices(devices: Sequence[Any]) -> int:
+    """Number of TPU slices among ``devices`` (1 where devices carry no ``slice_index``)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -367,3 +399,89 @@ def make_sharded_generate(
         return BatchedOutput(samples, merged, nfe)
 
     return run
+
+
+class DevicePrefetcher:
+    """Keeps the next ``size`` global batches on the devices ahead of the step.
+
+    Wraps a checkpointable host iterator (``next`` gives this process's numpy batch;
+    ``get_state``/``set_state`` as :func:`jaxdiff.data.make_iterator`'s). Each batch is
+    made a global array on ``mesh`` (:func:`global_batch`) as soon as it is read, so the
+    host-to-device copy of batch ``t + 1`` overlaps step ``t`` and the host never stalls
+    the device while a batch is ready. :meth:`get_state` is the state of the first batch
+    not yet handed out, so a checkpoint taken between steps resumes exactly, whatever is
+    still in flight.
+
+    Args:
+        iterator: the host batch iterator.
+        mesh: the mesh whose batch axes split the batches.
+        size: batches kept on the devices (2: one being consumed, one arriving).
+        transform: applied to each host batch first (e.g. dropping keys the step ignores).
+    """
+
+    def __init__(
+        self,
+        iterator: Any,
+        mesh: Mesh,
+        size: int = 2,
+        transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"prefetch size={size} must be >= 1")
+        self._iterator, self._mesh, self._size = iterator, mesh, size
+        self._transform = transform or (lambda batch: batch)
+        self._queue: collections.deque = collections.deque()
+
+    def __iter__(self) -> DevicePrefetcher:
+        return self
+
+    def _fill(self) -> None:
+        while len(self._queue) < self._size:
+            state = self._iterator.get_state()
+            try:
+                host = next(self._iterator)
+            except StopIteration:
+                return
+            self._queue.append((state, global_batch(self._transform(host), self._mesh)))
+
+    def __next__(self) -> Any:
+        self._fill()
+        if not self._queue:
+            raise StopIteration
+        _, batch = self._queue.popleft()
+        self._fill()  # start the next copies before the caller launches its step
+        return batch
+
+    def get_state(self) -> Any:
+        """The host iterator's state at the first batch not yet returned."""
+        return self._queue[0][0] if self._queue else self._iterator.get_state()
+
+    def set_state(self, state: Any) -> None:
+        """Drops the batches in flight and moves the host iterator to ``state``."""
+        self._queue.clear()
+        self._iterator.set_state(state)
+
+    def start_prefetch(self) -> None:
+        """Starts the host iterator's own read-ahead (e.g. its worker processes)."""
+        if hasattr(self._iterator, "start_prefetch"):
+            self._iterator.start_prefetch()
+
+    def close(self) -> None:
+        """Drops the batches in flight and closes the host iterator."""
+        self._queue.clear()
+        if hasattr(self._iterator, "close"):
+            self._iterator.close()
+
+
+def prefetch_to_mesh(
+    iterator: Any, mesh: Mesh, size: int = 2, transform: Callable[[Any], Any] | None = None
+) -> DevicePrefetcher:
+    """Wraps a host batch iterator so ``size`` global batches wait on the devices.
+
+    See :class:`DevicePrefetcher`. Example::
+
+        batches = prefetch_to_mesh(make_iterator(source, global_batch_size=256), mesh)
+        for _ in range(num_steps):
+            state, metrics = train_step(state, next(batches), key)
+    """
+    return DevicePrefetcher(iterator, mesh, size, transform)

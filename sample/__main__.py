@@ -57,6 +57,20 @@ _VAE = flags.DEFINE_string(
     "(default: the run's config.vae.path).",
 )
 
+_PRECISION = flags.DEFINE_enum(
+    "precision",
+    None,
+    ["default", "fp32", "bf16"],
+    "Numerics preset (default: the run's config.precision): bf16 computes in bfloat16 "
+    "with float32 params and sampler state; fp32 makes float32 matmuls exact on GPU/TPU.",
+)
+_CACHE = flags.DEFINE_string(
+    "compile_cache_dir",
+    None,
+    "Persistent XLA compilation cache folder (local or gs://): a repeated command loads "
+    "its compiled sampler instead of compiling it again. Only use a folder you alone write.",
+)
+
 
 def default_out(workdir: str) -> str:
     """WORKDIR/samples/grid.png, or samples/<name>.png for a converted weight file."""
@@ -105,17 +119,28 @@ def main(argv):
     _check_flags(out)
     from jaxdiff import experiment as ex
     from jaxdiff.parallel import make_mesh
-    from jaxdiff.utils.images import save_image_grid
+    from jaxdiff.utils.compile_cache import enable_compile_cache
     from jaxdiff.utils.logs import quiet_library_logs
-    from jaxdiff.utils.plots import render_points
 
     quiet_library_logs()
     if _SOLVER.value is not None:
         ex.build_solver(_SOLVER.value)
     if _GUIDANCE.value is not None:
         ex.check_guidance_spec(_GUIDANCE.value)
+    enable_compile_cache(_CACHE.value)
     mesh = make_mesh()
-    run = ex.load_run(_WORKDIR.value, ema=None if _EMA.value == "none" else _EMA.value, mesh=mesh)
+    ema = None if _EMA.value == "none" else _EMA.value
+    run = ex.load_run(_WORKDIR.value, ema=ema, mesh=mesh, precision=_PRECISION.value)
+    with ex.build_precision(run.config).scope():
+        _sample(run, mesh, out)
+
+
+def _sample(run, mesh, out: str) -> None:
+    """Samples (and evaluates) ``run`` as the flags say and writes the grid to ``out``."""
+    from jaxdiff import experiment as ex
+    from jaxdiff.utils.images import save_image_grid
+    from jaxdiff.utils.plots import render_points
+
     spec = ex.resolve_sampler(
         run.config.sample,
         num_classes=run.num_classes,

@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 
 from jaxdiff.errors import InvalidArgumentError
+from jaxdiff.experiment.builders import PRECISIONS, Precision, build_precision
 from jaxdiff.experiment.classifier import train_classifier, train_digits_classifier
 from jaxdiff.experiment.distill import distill_and_evaluate
 from jaxdiff.experiment.evaluate import build_evaluator, sample_and_evaluate
@@ -38,7 +39,14 @@ from jaxdiff.experiment.sampling import (
     parse_labels,
     resolve_sampler,
 )
-from jaxdiff.experiment.train import Experiment, build_experiment, init_state, train_and_evaluate
+from jaxdiff.experiment.train import (
+    Experiment,
+    StepBundle,
+    build_experiment,
+    build_train_step,
+    init_state,
+    train_and_evaluate,
+)
 
 METHODS = {
     "train": train_and_evaluate,
@@ -64,11 +72,16 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
 
 __all__ = [
     "METHODS",
+    "PRECISIONS",
     "Experiment",
+    "Precision",
+    "StepBundle",
     "SamplerSpec",
     "TrainedModel",
     "build_evaluator",
     "build_experiment",
+    "build_precision",
+    "build_train_step",
     "build_guidance",
     "build_solver",
     "check_guidance_spec",

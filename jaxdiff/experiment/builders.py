@@ -7,11 +7,13 @@ Every ``config.model`` / ``config.formulation`` / ``config.optim`` / ``config.me
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -45,9 +47,81 @@ def _section_kwargs(section: ml_collections.ConfigDict) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """A numerics preset: what the network computes in and how float32 matmuls run.
+
+    Attributes:
+        name: the preset's name (``config.precision``).
+        compute_dtype: dtype of the network's activations and matmul inputs (parameters,
+            optimizer state, EMA and sampler state stay float32 in every preset).
+        matmul_precision: ``jax.default_matmul_precision`` for float32 matmuls, or None
+            for the backend's default.
+    """
+
+    name: str
+    compute_dtype: Any
+    matmul_precision: str | None
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """A context in which jitted code traces with this preset's matmul precision."""
+        if self.matmul_precision is None:
+            return contextlib.nullcontext()
+        return jax.default_matmul_precision(self.matmul_precision)
+
+
+PRECISIONS: dict[str, Precision] = {
+    # float32 activations; float32 matmuls as the backend does them by default: TF32 on
+    # Ampere and newer GPUs, bf16 passes on TPU, true float32 on CPU.
+    "default": Precision("default", jnp.float32, None),
+    # float32 everywhere, matmuls included: parity checks against float32 references.
+    "fp32": Precision("fp32", jnp.float32, "highest"),
+    # bfloat16 activations and matmul inputs with float32 params: the fast path on GPU/TPU.
+    "bf16": Precision("bf16", jnp.bfloat16, None),
+}
+"""The ``config.precision`` presets."""
+
+DTYPES: dict[str, Any] = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+}
+"""Accepted ``config.model.dtype`` names."""
+
+
+def build_precision(config: ml_collections.ConfigDict) -> Precision:
+    """The preset of ``config.precision`` (``"default"`` when the config has none).
+
+    Raises:
+        InvalidArgumentError: for an unknown preset name.
+    """
+    name = config.get("precision", "default") or "default"
+    _require(name in PRECISIONS, "precision", name, f"one of {list(PRECISIONS)}")
+    return PRECISIONS[name]
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+    """The network's compute dtype: ``config.model.dtype`` if set, else the preset's.
+
+    Raises:
+        InvalidArgumentError: for an unknown dtype name.
+    """
+    name = config.model.get("dtype")
+    if name is None:
+        return build_precision(config).compute_dtype
+    _require(name in DTYPES, "model.dtype", name, f"one of {list(DTYPES)} (or None)")
+    return DTYPES[name]
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    """The network of ``config.model`` (``name`` plus the module's fields)."""
-    return create_model(config.model.name, num_classes=num_classes, **_section_kwargs(config.model))
+    """The network of ``config.model`` (``name`` plus the module's fields).
+
+    The compute dtype comes from ``config.model.dtype`` or the ``config.precision``
+    preset; parameters are always float32.
+    """
+    kwargs = _section_kwargs(config.model)
+    kwargs["dtype"] = compute_dtype(config)
+    return create_model(config.model.name, num_classes=num_classes, **kwargs)
 
 
 def build_formulation(config: ml_collections.ConfigDict) -> Formulation:
@@ -319,7 +393,12 @@ def latent_metadata(source: Any) -> dict[str, Any] | None:
 
 
 __all__ = [
+    "DTYPES",
+    "PRECISIONS",
     "RUN_KEY",
+    "Precision",
+    "build_precision",
+    "compute_dtype",
     "build_data",
     "build_formulation",
     "build_mesh",

@@ -50,12 +50,13 @@ from jaxdiff.experiment.builders import (
     run_metadata,
 )
 from jaxdiff.experiment.runs import load_run
-from jaxdiff.parallel import global_batch, is_main_process
+from jaxdiff.parallel import is_main_process, prefetch_to_mesh
 from jaxdiff.training.checkpoint import Checkpointer
 from jaxdiff.training.loop import Hook, run_loop
 from jaxdiff.training.state import abstract_state
 from jaxdiff.training.writers import create_default_writer
 from jaxdiff.utils import storage
+from jaxdiff.utils.compile_cache import enable_compile_cache
 from jaxdiff.utils.images import save_image_grid
 from jaxdiff.utils.rng import per_sample_keys, start_noise
 
@@ -157,6 +158,7 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pa
             "(e.g. `python -m train --workdir=runs/digits` first)"
         )
     check_loop_config(config)
+    enable_compile_cache(config.get("compile_cache_dir"))
     tc, d = config.train, config.distill
     mesh = build_mesh(config)
     ema = None if config.teacher_ema == "none" else config.teacher_ema
@@ -197,12 +199,16 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pa
     )
     key = jax.random.key(config.seed)
 
-    def step_fn(state, step):
-        raw = next(data)
+    def model_batch(raw):
         local = {"image": raw["image"]}
         if teacher.num_classes > 0:
             local["label"] = raw["label"]
-        batch = global_batch(local, mesh)
+        return local
+
+    batches = None  # device prefetcher, made once the data position is restored
+
+    def step_fn(state, step):
+        batch = next(batches)
         gen_updates = (step - 1) // (d.critic_steps + 1)
         num_active = active_steps(gen_updates, d.refine_stage_steps, d.student_steps)
         update = gen_step if is_generator_step(step - 1, d.critic_steps) else critic_step
@@ -224,12 +230,14 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pa
         stack.callback(writer.close)
         stack.callback(writer.flush)
         stack.callback(data.close)  # stops input worker processes at once
-        data.start_prefetch()  # input workers start up while the steps compile
+        # Two global batches wait on the devices; checkpoints record the next unused one.
+        batches = prefetch_to_mesh(data, mesh, size=2, transform=model_batch)
+        batches.start_prefetch()  # input workers start up while the steps compile
         if start == 0:
             writer.write_hparams(config.to_dict())
 
         def save(step, state):
-            full_ckpt.save(step, state, data_state=data.get_state(), config=saved)
+            full_ckpt.save(step, state, data_state=batches.get_state(), config=saved)
             student_ckpt.save(step, state.gen, config=saved)
 
         return run_loop(

@@ -19,7 +19,13 @@ import ml_collections
 
 from jaxdiff.diffusion import Formulation
 from jaxdiff.errors import InvalidArgumentError
-from jaxdiff.experiment.builders import RUN_KEY, build_formulation, build_model
+from jaxdiff.experiment.builders import (
+    RUN_KEY,
+    build_formulation,
+    build_model,
+    build_precision,
+)
+from jaxdiff.models import to_layout
 from jaxdiff.parallel import make_mesh, param_shardings, put_global
 from jaxdiff.training.checkpoint import Checkpointer, load_config
 from jaxdiff.training.phema import check_std, read_reconstruction, reconstruction_path
@@ -95,8 +101,26 @@ def _load_phema(workdir: Any, ema: str, abstract: Any) -> tuple[Any, int, str]:
     return params, int(meta["step"]), f"{PHEMA_PREFIX}{std:.3f}"
 
 
+def _with_precision(
+    config: ml_collections.ConfigDict, precision: str | None
+) -> ml_collections.ConfigDict:
+    """``config`` with ``precision`` as its preset (unchanged when None)."""
+    if precision is None:
+        return config
+    config.precision = precision
+    build_precision(config)  # names the presets if this one is unknown
+    if "dtype" in config.model:
+        config.model.dtype = None
+    return config
+
+
 def load_run(
-    workdir: str | os.PathLike, *, ema: str | None = "default", mesh: Any = None
+    workdir: str | os.PathLike,
+    *,
+    ema: str | None = "default",
+    mesh: Any = None,
+    precision: str | None = None,
+    scan_blocks: bool | None = None,
 ) -> TrainedModel:
     """Restores the newest readable checkpoint of a run: config plus one set of params.
 
@@ -112,6 +136,12 @@ def load_run(
             None for the raw params.
         mesh: the mesh to shard the params onto, by the model's logical axis rules
             (e.g. ``make_mesh(data=2, fsdp=2)``); default one device.
+        precision: a ``config.precision`` preset (``"default"``, ``"fp32"``, ``"bf16"``)
+            to sample with instead of the run's own; it also clears the run's
+            ``model.dtype``, so the preset decides the compute dtype. Params stay float32.
+        scan_blocks: for a DiT run, the block layout to load into (None: the run's own).
+            Checkpoints of either layout load into either; the params are restacked or
+            split after reading (see :func:`jaxdiff.models.to_layout`).
 
     Returns:
         The restored model.
@@ -131,7 +161,7 @@ def load_run(
     ckpt_dir = storage.join(workdir, "checkpoints")
     stored = _stored_config(ckpt_dir, workdir)
     meta = stored.pop(RUN_KEY)
-    config = ml_collections.ConfigDict(stored)
+    config = _with_precision(ml_collections.ConfigDict(stored), precision)
     num_classes, shape = int(meta["num_classes"]), tuple(meta["sample_shape"])
     rates = ema_keys(config.train.ema_rates, config.train.get("ema_stds", ()))
     if ema == "default":
@@ -163,7 +193,13 @@ def load_run(
         if step != newest:  # fell back: read the config that belongs to that step
             stored = _stored_config(ckpt_dir, workdir, step)
             stored.pop(RUN_KEY)
-            config = ml_collections.ConfigDict(stored)
+            config = _with_precision(ml_collections.ConfigDict(stored), precision)
+    if scan_blocks is not None and bool(getattr(model, "scan_blocks", scan_blocks)) != scan_blocks:
+        config.model.scan_blocks = bool(scan_blocks)
+        model = build_model(config, num_classes)
+        boxed = jax.eval_shape(init_params_fn(model, shape, num_classes), jax.random.key(0))
+        shardings = param_shardings(boxed, mesh)
+        params = put_global(to_layout(params, scanned=bool(scan_blocks)), shardings)
     return TrainedModel(
         config=config,
         model=model,

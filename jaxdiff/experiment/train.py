@@ -27,11 +27,13 @@ from jaxdiff.data.augment import AUGMENT_LABEL
 from jaxdiff.diffusion import Formulation
 from jaxdiff.experiment.builders import (
     RUN_KEY,
+    Precision,
     build_data,
     build_formulation,
     build_mesh,
     build_model,
     build_optimizer,
+    build_precision,
     check_loop_config,
     check_resume,
     latent_metadata,
@@ -44,7 +46,12 @@ from jaxdiff.experiment.latents import run_vae
 from jaxdiff.experiment.runs import TrainedModel
 from jaxdiff.experiment.sampling import SamplerSpec, resolve_sampler
 from jaxdiff.models import DiT
-from jaxdiff.parallel import batch_sharding, global_batch, is_main_process, make_sharded_generate
+from jaxdiff.parallel import (
+    batch_sharding,
+    is_main_process,
+    make_sharded_generate,
+    prefetch_to_mesh,
+)
 from jaxdiff.training.checkpoint import Checkpointer
 from jaxdiff.training.loop import Hook, run_loop
 from jaxdiff.training.phema import make_snapshot_fn
@@ -52,6 +59,7 @@ from jaxdiff.training.state import TrainState, abstract_state, ema_keys, make_st
 from jaxdiff.training.step import jit_train_step, make_train_step
 from jaxdiff.training.writers import create_default_writer
 from jaxdiff.utils import storage
+from jaxdiff.utils.compile_cache import enable_compile_cache
 from jaxdiff.utils.images import save_image_grid
 from jaxdiff.utils.plots import render_points
 
@@ -72,6 +80,7 @@ class Experiment:
         sample_shape: shape of one sample.
         init_fn: ``key -> TrainState``.
         state_shardings: TrainState-shaped tree of NamedShardings.
+        train_step: the jitted, sharded, donated step (see :class:`StepBundle`).
         sampler: the run's sampler spec (grids, evaluation), resolved before training.
         view: the run as sampling sees it (plain model, param shardings, mesh).
         seed: the run's seed.
@@ -86,6 +95,7 @@ class Experiment:
     sample_shape: tuple[int, ...]
     init_fn: Callable[[jax.Array], TrainState]
     state_shardings: Any
+    train_step: Callable
     sampler: SamplerSpec
     view: TrainedModel
     seed: int
@@ -100,6 +110,110 @@ class Experiment:
         return out
 
 
+@dataclasses.dataclass
+class StepBundle:
+    """The exact train step a run executes, with what it needs to run it.
+
+    Attributes:
+        mesh: the device mesh.
+        model: the network the step runs (DiT may pin activation shardings).
+        plain: the same network without activation constraints (for sampling).
+        formulation: the diffusion formulation.
+        tx: the optimizer.
+        num_classes: classes of the conditional model (0 = unconditional).
+        sample_shape: shape of one example.
+        precision: the numerics preset.
+        init_fn: ``key -> TrainState``.
+        state_shardings: TrainState-shaped tree of NamedShardings.
+        jitted: the jitted, sharded step with the state donated (``.lower`` works).
+        step: ``step(state, batch, key) -> (state, metrics)``: ``jitted`` called under
+            the preset's matmul precision; ``batch`` holds global arrays split with
+            :func:`jaxdiff.parallel.batch_sharding`.
+    """
+
+    mesh: Mesh
+    model: nn.Module
+    plain: nn.Module
+    formulation: Formulation
+    tx: optax.GradientTransformation
+    num_classes: int
+    sample_shape: tuple[int, ...]
+    precision: Precision
+    init_fn: Callable[[jax.Array], TrainState]
+    state_shardings: Any
+    jitted: Callable
+    step: Callable
+
+
+def build_train_step(
+    config: ml_collections.ConfigDict,
+    num_classes: int,
+    sample_shape: tuple[int, ...],
+    mesh: Mesh | None = None,
+) -> StepBundle:
+    """Builds the jitted, sharded, donated train step of ``config`` (no data needed).
+
+    Training and ``benchmarks/train_step.py`` both run this step, so a benchmark times
+    exactly what a run executes: model options (``config.model``: dtype, remat,
+    scan_blocks, attention_impl), ``config.precision``, optimizer, EMA and mesh.
+
+    Args:
+        config: an experiment config.
+        num_classes: classes of the conditional model (0 = unconditional).
+        sample_shape: shape of one example, e.g. ``(32, 32, 4)``.
+        mesh: the mesh (default: :func:`build_mesh` of ``config``).
+
+    Raises:
+        InvalidArgumentError: for an inconsistent config.
+    """
+    mesh = build_mesh(config) if mesh is None else mesh
+    precision = build_precision(config)
+    plain = build_model(config, num_classes)
+    formulation, tx = build_formulation(config), build_optimizer(config.optim)
+    model = plain
+    if isinstance(plain, DiT) and (mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1):
+        # Keep transformer activations batch-sharded between blocks (see DiT's docstring).
+        model = plain.clone(activation_sharding=batch_sharding(mesh))
+    tc = config.train
+    init_fn, shardings = make_state_fns(
+        plain,
+        tx,
+        mesh,
+        sample_shape,
+        num_classes,
+        tuple(tc.ema_rates),
+        tuple(tc.get("ema_stds", ())),
+    )
+    step_fn = make_train_step(
+        model,
+        formulation,
+        tx,
+        num_classes=num_classes,
+        label_dropout=tc.label_dropout,
+        ema_warmup=tc.ema_warmup,
+    )
+    jitted = jit_train_step(step_fn, shardings, mesh)
+
+    def step(state, batch, key):
+        with precision.scope():  # the matmul precision is part of what jit traces
+            return jitted(state, batch, key)
+
+    return StepBundle(
+        mesh=mesh,
+        model=model,
+        plain=plain,
+        formulation=formulation,
+        tx=tx,
+        num_classes=num_classes,
+        sample_shape=tuple(sample_shape),
+        precision=precision,
+        init_fn=init_fn,
+        state_shardings=shardings,
+        jitted=jitted,
+        step=step,
+    )
+
+
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     """Builds mesh, data, model, formulation, optimizer, state functions and sampler.
 
@@ -107,43 +221,35 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
         InvalidArgumentError: for an inconsistent config (named value and fix in the message).
     """
     check_loop_config(config)
+    enable_compile_cache(config.get("compile_cache_dir"))
     mesh = build_mesh(config)
     source, data, num_classes = build_data(config)
     sample_shape = tuple(source.info.image_shape)
-    plain = build_model(config, num_classes)
-    formulation, tx = build_formulation(config), build_optimizer(config.optim)
     sampler = resolve_sampler(config.sample, num_classes=num_classes)
-    model = plain
-    if isinstance(plain, DiT) and (mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1):
-        # Keep transformer activations batch-sharded between blocks (see DiT's docstring).
-        model = plain.clone(activation_sharding=batch_sharding(mesh))
-    ema_rates = tuple(config.train.ema_rates)
-    ema_stds = tuple(config.train.get("ema_stds", ()))
-    init_fn, shardings = make_state_fns(
-        plain, tx, mesh, sample_shape, num_classes, ema_rates, ema_stds
-    )
+    bundle = build_train_step(config, num_classes, sample_shape, mesh)
     view = TrainedModel(
         config=config,
-        model=plain,
-        formulation=formulation,
+        model=bundle.plain,
+        formulation=bundle.formulation,
         params=None,
         num_classes=num_classes,
         sample_shape=sample_shape,
         step=0,
         mesh=mesh,
-        param_shardings=shardings.params,
+        param_shardings=bundle.state_shardings.params,
         latent=latent_metadata(source),
     )
     return Experiment(
         mesh=mesh,
-        model=model,
-        formulation=formulation,
-        tx=tx,
+        model=bundle.model,
+        formulation=bundle.formulation,
+        tx=bundle.tx,
         data=data,
         num_classes=num_classes,
         sample_shape=sample_shape,
-        init_fn=init_fn,
-        state_shardings=shardings,
+        init_fn=bundle.init_fn,
+        state_shardings=bundle.state_shardings,
+        train_step=bundle.step,
         sampler=sampler,
         view=view,
         seed=int(config.seed),
@@ -250,6 +356,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         make_eval_hook(config, exp.view, exp.sampler, params_of),
     ]
     with contextlib.ExitStack() as stack:
+        # Grids and evaluation sample under the same matmul precision as the step.
+        stack.enter_context(build_precision(config).scope())
         stack.enter_context(lock_workdir(workdir))
         ckpt = stack.enter_context(
             Checkpointer(
@@ -264,32 +372,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         stack.callback(writer.close)
         stack.callback(writer.flush)
         stack.callback(exp.data.close)  # stops input worker processes at once
-        exp.data.start_prefetch()  # input workers start up while the step compiles
+        # Two global batches wait on the devices, so the host-to-device copy of the next
+        # batch overlaps the current step; its state is that of the next unused batch.
+        batches = prefetch_to_mesh(exp.data, exp.mesh, size=2, transform=exp.to_model_batch)
+        batches.start_prefetch()  # input workers start up while the step compiles
         if start == 0:
             writer.write_hparams(config.to_dict())
-        train_step = jit_train_step(
-            make_train_step(
-                exp.model,
-                exp.formulation,
-                exp.tx,
-                num_classes=exp.num_classes,
-                label_dropout=tc.label_dropout,
-                ema_warmup=tc.ema_warmup,
-            ),
-            exp.state_shardings,
-            exp.mesh,
-        )
         key = jax.random.key(config.seed)
         meta = run_metadata(exp.num_classes, exp.sample_shape, exp.view.latent)
         saved_config = {**config.to_dict(), RUN_KEY: meta}
 
         def step_fn(state, step):
             del step  # the step's randomness comes from state.step inside the train step
-            batch = global_batch(exp.to_model_batch(next(exp.data)), exp.mesh)
-            return train_step(state, batch, key)
+            return exp.train_step(state, next(batches), key)
 
         def save(step, state):
-            ckpt.save(step, state, data_state=exp.data.get_state(), config=saved_config)
+            ckpt.save(step, state, data_state=batches.get_state(), config=saved_config)
 
         return run_loop(
             state,
@@ -308,6 +406,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 __all__ = [
     "Experiment",
+    "StepBundle",
+    "build_train_step",
     "build_experiment",
     "first_ema",
     "init_state",

@@ -193,7 +193,9 @@ def build(config: Mapping[str, Any]) -> tuple[nn.Module, Formulation]:
 
     Args:
       config: From :func:`infer_config` or :data:`PRESETS`; an optional ``dtype``
-        (e.g. ``"bfloat16"``) sets the compute dtype (parameters stay float32).
+        (e.g. ``"bfloat16"``) sets the compute dtype (parameters stay float32), and
+        optional ``scan_blocks``, ``remat`` and ``attention_impl`` set the DiT speed
+        options (the loader restacks the file's unrolled blocks for ``scan_blocks``).
 
     Returns:
       ``(DiT module, formulation)``.
@@ -209,6 +211,9 @@ def build(config: Mapping[str, Any]) -> tuple[nn.Module, Formulation]:
         embedding_scale=1.0,
         frequency_features=int(config["frequency_features"]),
         learn_sigma=bool(config["learn_sigma"]),
+        scan_blocks=bool(config.get("scan_blocks", False)),
+        remat=config.get("remat", "none"),
+        attention_impl=config.get("attention_impl"),
         dtype=jnp.dtype(config.get("dtype", "float32")),
         param_dtype=jnp.float32,
     )

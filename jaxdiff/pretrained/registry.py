@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.diffusion import Formulation
+from jaxdiff.models.dit_layout import to_layout
 from jaxdiff.pretrained.weights_io import StateDict, WeightsError, read_weights, write_weights
 from jaxdiff.utils.trees import flatten_tree, unflatten_tree
 
@@ -217,6 +218,8 @@ def load_pretrained(path: str | os.PathLike, **overrides: Any) -> Pretrained:
     model, formulation = arch_module(config.get("arch", "?")).build(config)
     boxed = abstract_params(model, config)
     params = unflatten_params(tensors)
+    if getattr(model, "scan_blocks", False):  # files hold DiT blocks unrolled (block_i)
+        params = to_layout(params, scanned=True)
     check_params(params, boxed, path)
     return Pretrained(config, model, formulation, params, boxed, meta, path)
 

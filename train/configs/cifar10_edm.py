@@ -7,7 +7,7 @@ its non-leaking geometric augmentation (``--augment=0.12``): each transform with
 0.12, the network conditioned on the 9 augmentation labels (zeros when sampling).
 """
 
-from train.configs.common import base_config
+from train.configs.common import add_model_speed_options, base_config
 
 
 def get_config():
@@ -16,6 +16,7 @@ def get_config():
     c.data.augment = "edm"  # jaxdiff.data.augment.EdmAugment with EDM's CIFAR-10 multipliers
     c.data.augment_p = 0.12
     c.model.name = "unet"
+    add_model_speed_options(c)
     c.model.ch = 128
     c.model.ch_mult = (2, 2, 2)
     c.model.num_res_blocks = 4

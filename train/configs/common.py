@@ -6,6 +6,15 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # Numerics preset: "default" (float32; float32 matmuls as the backend does them, i.e.
+    # TF32 on recent GPUs), "fp32" (float32 matmuls too, for parity checks) or "bf16"
+    # (bfloat16 compute with float32 params, optimizer state, EMA and sampler state: the
+    # fast path on GPU/TPU). model.dtype, when set, overrides the compute dtype.
+    c.precision = "default"
+    # Persistent XLA compilation cache (a local or gs:// folder; None = off). A warm cache
+    # turns a restarted job's compile into a load. It holds executable code: never point it
+    # at a folder other users can write.
+    c.compile_cache_dir = ml_collections.FieldReference(None, field_type=str)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "digits"
@@ -36,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "unet"
+    c.model.dtype = ml_collections.FieldReference(None, field_type=str)  # "bfloat16", ...
 
     c.formulation = ml_collections.ConfigDict()
     c.formulation.name = "edm"
@@ -93,3 +103,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
     c.mesh.num_devices = -1  # -1: all devices
     return c
+
+
+def add_model_speed_options(c: ml_collections.ConfigDict, dit: bool = False) -> None:
+    """The speed options of the UNet and DiT models, so the CLI can set them.
+
+    ``remat``: "none" (fastest, most memory), "dots" (keep matmul outputs, recompute the
+    memory-bound ops and attention) or "full" (recompute each block, about +33% FLOPs).
+    ``attention_impl``: None picks cuDNN's fused attention on GPU in bf16/fp16 and XLA
+    elsewhere; "xla" or "cudnn" force one. DiT's ``scan_blocks`` compiles one block under
+    ``nn.scan`` instead of ``depth`` copies (faster compiles for deep models; measure the
+    step time before making it your default).
+    """
+    c.model.remat = "none"
+    c.model.attention_impl = ml_collections.FieldReference(None, field_type=str)
+    if dit:
+        c.model.scan_blocks = False

@@ -4,13 +4,14 @@ Trains on a 2-core CPU in a few minutes and samples readable digits (see README)
 Usage: ``python -m train`` or ``python -m train --config=train/configs/digits.py``.
 """
 
-from train.configs.common import base_config
+from train.configs.common import add_model_speed_options, base_config
 
 
 def get_config():
     c = base_config()
     c.data.name = "digits"
     c.model.name = "unet"
+    add_model_speed_options(c)
     c.model.ch = 32
     c.model.ch_mult = (1, 2)
     c.model.num_res_blocks = 1

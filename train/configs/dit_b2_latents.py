@@ -42,7 +42,7 @@ no VAE decoder is configured.
 
 import ml_collections
 
-from train.configs.common import base_config
+from train.configs.common import add_model_speed_options, base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     # --flip); True requires them, False never uses them. Other datasets: no flips.
     c.data.random_flip = ml_collections.FieldReference(None, field_type=bool)
     c.model.name = "dit-B/2"  # a size after "dit-" picks DiT.from_name("B/2")
-    c.model.attention_impl = ml_collections.FieldReference(None, field_type=str)  # "cudnn" on GPU
+    add_model_speed_options(c, dit=True)
     c.formulation.name = "flow"
     c.optim.learning_rate = 1e-4
     c.optim.warmup_steps = 0

@@ -12,7 +12,7 @@ Images are centre-cropped and resized as ADM does and flipped at random. A local
 
 import ml_collections
 
-from train.configs.common import base_config
+from train.configs.common import add_model_speed_options, base_config
 
 # Per resolution: (channel multipliers, attention resolutions), as DDPM++/ADM size them.
 _ARCH = {32: ((2, 2, 2), (16,)), 64: ((1, 2, 2, 2), (16,))}
@@ -32,6 +32,7 @@ def get_config(resolution: str = "64"):
     c.data.conditional = ml_collections.FieldReference(None, field_type=bool)  # None: auto
     c.data.workers = 4
     c.model.name = "unet"
+    add_model_speed_options(c)
     c.model.ch = 128
     c.model.ch_mult, c.model.attn_resolutions = _ARCH[size]
     c.model.num_res_blocks = 2
