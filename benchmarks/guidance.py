@@ -4,6 +4,7 @@ Usage::
 
     python -m benchmarks.guidance                      # exact 2-D Gaussian mixture
     python -m benchmarks.guidance --workdir=runs/digits  # also a trained digits run
+    python -m benchmarks.guidance --smoke [--workdir=runs/digits]  # a quick check on a CPU
 
 On the mixture (3 classes in 2-D, exact denoisers and classifiers, ``tests/mixture.py``)
 every method samples the same noise and labels with the same solver. The table reports
@@ -15,6 +16,14 @@ Guidance's threshold: NFE saving vs CFG and distance to CFG.
 
 PAG/SLG on the mixture use the fixture's stand-in "perturbed network" (a blurrier
 denoiser); on a trained UNet/DiT they use the real ``variant="pag"/"slg"`` passes.
+
+``--smoke`` runs at tiny size so the test suite can check that the benchmark still works
+(its numbers mean nothing): 48 mixture samples, 16 digits, 4 steps, one timed call after
+the compiling one, three AG thresholds. Every mixture method runs; on a run, only the
+methods that use the network differently (one pass, cond + uncond, adaptive switching,
+the PAG and SLG variants) are sampled, since each costs a compile of seconds on a CPU and
+the others only recombine the same passes. Any run will do, e.g. a 5-step one.
+``--skip_mixture`` leaves out the mixture tables (to time a run's methods alone).
 """
 
 from __future__ import annotations
@@ -49,6 +58,15 @@ from jaxdiff.utils.rng import per_sample_keys
 from tests import mixture as mx  # the exact mixture of the tests (run from the repo root)
 
 W = 2.0
+AG_THRESHOLDS = (0.95, 0.98, 0.99, 0.995, 0.999)
+# --smoke on a run: a method for each distinct way of calling the network (see above).
+SMOKE_DIGITS_METHODS = (
+    "none (conditional)",
+    "cfg:2",
+    "ag:2,threshold=0.99",
+    "pag:3,scale=2",
+    "slg:2.8,scale=2",
+)
 
 
 def mixture_methods():
@@ -96,7 +114,7 @@ def swd_to_truth(x, labels, key):
     )
 
 
-def run_mixture(num, steps, solver_name):
+def run_mixture(num, steps, solver_name, repeats=3, thresholds=AG_THRESHOLDS):
     labels = np.arange(num, dtype=np.int32) % mx.K
     noise = jax.random.normal(jax.random.key(0), (num, 2))
     c, u = jnp.asarray(labels), jnp.full((num,), mx.NULL, jnp.int32)
@@ -111,7 +129,7 @@ def run_mixture(num, steps, solver_name):
 
     rows, ref = [], None
     for name, g in mixture_methods().items():
-        (x, aux), comp, wall = timed(sampler(g), noise)
+        (x, aux), comp, wall = timed(sampler(g), noise, repeats=repeats)
         x = np.asarray(x)
         if name == "cfg:2":
             ref = x
@@ -134,7 +152,7 @@ def run_mixture(num, steps, solver_name):
     ]
     (x_cfg, a_cfg), _, _ = timed(sampler(cfg(W)), noise, repeats=0)
     nfe_cfg = int(a_cfg["nfe"])
-    for thr in (0.95, 0.98, 0.99, 0.995, 0.999):
+    for thr in thresholds:
         (x_ag, a_ag), _, _ = timed(sampler(ag(W, thr)), noise, repeats=0)
         nfe = int(a_ag["nfe"])
         l2 = float(np.mean(np.linalg.norm(np.asarray(x_ag) - np.asarray(x_cfg), axis=1)))
@@ -146,7 +164,7 @@ def run_mixture(num, steps, solver_name):
     return "\n".join(lines), "\n".join(ag_lines)
 
 
-def run_digits(workdir, num, steps, solver_name):
+def run_digits(workdir, num, steps, solver_name, repeats=3, only=None):
     from jaxdiff.experiment import load_run
     from jaxdiff.generate import make_generate_fn
 
@@ -171,6 +189,8 @@ def run_digits(workdir, num, steps, solver_name):
     ]
     ref, rows = None, []
     for name, g in methods.items():
+        if only is not None and name not in only:
+            continue
         fn = jax.jit(
             make_generate_fn(
                 run.model,
@@ -183,7 +203,7 @@ def run_digits(workdir, num, steps, solver_name):
             )
         )
         try:
-            (x, aux), comp, wall = timed(fn, run.params, labels, keys)
+            (x, aux), comp, wall = timed(fn, run.params, labels, keys, repeats=repeats)
         except ValueError as err:  # e.g. a variant the network lacks
             lines.append(f"| `{name}` | n/a ({err}) | | | |")
             continue
@@ -196,24 +216,41 @@ def run_digits(workdir, num, steps, solver_name):
     return "\n".join(lines)
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num", type=int, default=4096, help="samples (mixture)")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--solver", default="euler", help="euler keeps CFG++ meaningful")
     p.add_argument("--workdir", default=None, help="a trained digits run (optional)")
     p.add_argument("--digits_num", type=int, default=256)
-    args = p.parse_args()
+    p.add_argument("--repeats", type=int, default=3, help="timed calls after the compiling one")
+    p.add_argument("--skip_mixture", action="store_true", help="only the --workdir table")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes (fewer methods on a run): checks the benchmark runs, measures nothing",
+    )
+    args = p.parse_args(argv)
+    if args.skip_mixture and not args.workdir:
+        p.error("--skip_mixture leaves nothing to run: also pass --workdir=RUN")
+    if args.smoke:  # smoke defaults; flags given explicitly still win
+        p.set_defaults(num=48, steps=4, digits_num=16, repeats=1)
+        args = p.parse_args(argv)
     print(f"# jax {jax.__version__}, devices: {jax.devices()[0].platform} x{jax.device_count()}")
     print(f"# solver {args.solver}, {args.steps} Karras steps, w = {W} where a CFG scale applies\n")
-    table, ag_table = run_mixture(args.num, args.steps, args.solver)
-    print("## 2-D Gaussian mixture (exact denoisers)\n")
-    print(table)
-    print("\n## Adaptive Guidance vs CFG (same noise)\n")
-    print(ag_table)
+    thresholds = AG_THRESHOLDS[::2] if args.smoke else AG_THRESHOLDS
+    if not args.skip_mixture:
+        table, ag_table = run_mixture(args.num, args.steps, args.solver, args.repeats, thresholds)
+        print("## 2-D Gaussian mixture (exact denoisers)\n")
+        print(table)
+        print("\n## Adaptive Guidance vs CFG (same noise)\n")
+        print(ag_table)
     if args.workdir:
+        only = SMOKE_DIGITS_METHODS if args.smoke else None
         print(f"\n## Trained run {args.workdir}\n")
-        print(run_digits(args.workdir, args.digits_num, args.steps, args.solver))
+        print(
+            run_digits(args.workdir, args.digits_num, args.steps, args.solver, args.repeats, only)
+        )
 
 
 if __name__ == "__main__":

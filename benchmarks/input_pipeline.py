@@ -4,6 +4,7 @@ Usage::
 
     python -m benchmarks.input_pipeline [--images=256] [--seconds=4] [--max_workers=N]
         [--write]
+    python -m benchmarks.input_pipeline --smoke  # a few seconds; the numbers mean nothing
 
 Builds, in a temporary folder,
 
@@ -21,6 +22,10 @@ out: each row times ``--seconds`` after the first batch. Rows also give images p
 CPU-second (this process plus its workers, from /proc), which shared machines do not
 distort, and the cores that would sustain ``--target`` images/s at that cost. ``--write``
 appends the results, with the command, CPU, versions and date, to docs/benchmarks.md.
+
+``--smoke`` runs every row at tiny size so the test suite can check the benchmark still
+works: 8 JPEGs of 80x60 read at 48 px, 64 latents of ``[8, 8, 4]``, batch 8, 0.25 s per
+row, 0 and 1 workers. It writes only to its temporary folder (``--write`` is refused).
 """
 
 from __future__ import annotations
@@ -46,8 +51,12 @@ from jaxdiff.data.imagefolder import ImageFolderSource, load_image
 from jaxdiff.data.pipeline import make_iterator, random_flip
 from jaxdiff.data.shard_writer import write_arrays
 from jaxdiff.data.shards import ArrayRecordSource
+from jaxdiff.errors import InvalidArgumentError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+# (JPEG width, height), pixels read, latent shape: ImageNet-like, and tiny for --smoke.
+SIZES = ((500, 375), 256, (32, 32, 4))
+SMOKE_SIZES = ((80, 60), 48, (8, 8, 4))
 
 
 def _natural_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -154,7 +163,7 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=256, help="JPEGs to generate")
     parser.add_argument("--latents", type=int, default=8192, help="latents to generate")
@@ -165,7 +174,19 @@ def main() -> None:
         "--target", type=float, default=2500.0, help="images/s to feed (DiT-B/2 on an H100)"
     )
     parser.add_argument("--write", action="store_true", help="append to docs/benchmarks.md")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: checks the benchmark runs (see above)"
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:  # smoke defaults; flags given explicitly still win
+        if args.write:
+            raise InvalidArgumentError(
+                "--write appends to docs/benchmarks.md, but --smoke numbers measure nothing: "
+                "drop --write (or --smoke)"
+            )
+        parser.set_defaults(images=8, latents=64, batch=8, seconds=0.25, max_workers=1)
+        args = parser.parse_args(argv)
+    (width, height), pixels, latent_shape = SMOKE_SIZES if args.smoke else SIZES
     workers = list(range(args.max_workers + 1))
     load_start = os.getloadavg()[0]
     rows: list[tuple[str, str, str, tuple[float, float]]] = []
@@ -177,9 +198,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="jaxdiff-input-bench-") as tmp:
         root = Path(tmp)
-        kib = make_jpeg_folder(root / "jpeg", args.images)
-        jpegs = ImageFolderSource(root / "jpeg", image_size=256)
-        add(("JPEG 500x375 -> 256: decode + crop only", "- (1 thread)", "-",
+        kib = make_jpeg_folder(root / "jpeg", args.images, size=(width, height))
+        jpegs = ImageFolderSource(root / "jpeg", image_size=pixels)
+        add((f"JPEG {width}x{height} -> {pixels}: decode + crop only", "- (1 thread)", "-",
              decode_rate(jpegs, args.seconds)))  # fmt: skip
         for w in workers:
             for threads in [0, 8] if w == 0 else [0]:
@@ -187,29 +208,31 @@ def main() -> None:
                     jpegs, batch=args.batch, seconds=args.seconds, augment=random_flip,
                     workers=w, threads=threads,
                 )  # fmt: skip
-                add(("JPEG -> 256 + random_flip", str(w), str(threads), rates))
+                add((f"JPEG -> {pixels} + random_flip", str(w), str(threads), rates))
 
         # Already 256 px (e.g. a folder pre-resized once): decoding is all there is to do.
-        make_jpeg_folder(root / "jpeg256", args.images, size=(256, 256))
-        small = ImageFolderSource(root / "jpeg256", image_size=256)
-        add(("JPEG 256x256 -> 256: decode + crop only", "- (1 thread)", "-",
+        make_jpeg_folder(root / "jpeg256", args.images, size=(pixels, pixels))
+        small = ImageFolderSource(root / "jpeg256", image_size=pixels)
+        square = f"JPEG {pixels}x{pixels} -> {pixels}"
+        add((f"{square}: decode + crop only", "- (1 thread)", "-",
              decode_rate(small, args.seconds)))  # fmt: skip
         for w in sorted({0, args.max_workers}):
             rates = pipeline_rate(
                 small, batch=args.batch, seconds=args.seconds, augment=random_flip, workers=w
             )
-            add(("JPEG 256x256 -> 256 + random_flip", str(w), "0" if w else "8", rates))
+            add((f"{square} + random_flip", str(w), "0" if w else "8", rates))
 
         rng = np.random.default_rng(0)
-        latents = rng.standard_normal((args.latents, 32, 32, 4), dtype=np.float32)
+        latents = rng.standard_normal((args.latents, *latent_shape), dtype=np.float32)
         labels = rng.integers(0, 1000, args.latents)
         (root / "npy").mkdir()
         np.save(root / "npy" / "images.npy", latents)
         np.save(root / "npy" / "labels.npy", labels)
         write_arrays(root / "ar", latents, labels, num_shards=4)
+        kind = f"latents [{','.join(map(str, latent_shape))}] float32"
         for name, source in [
-            ("latents [32,32,4] float32, NpySource", NpySource(root / "npy")),
-            ("latents [32,32,4] float32, ArrayRecordSource", ArrayRecordSource(root / "ar")),
+            (f"{kind}, NpySource", NpySource(root / "npy")),
+            (f"{kind}, ArrayRecordSource", ArrayRecordSource(root / "ar")),
         ]:
             for w in workers:
                 rates = pipeline_rate(source, batch=args.batch, seconds=args.seconds, workers=w)
@@ -225,7 +248,8 @@ def main() -> None:
             f"| {name} | {w} | {threads} | {rate:,.0f} | {per_cpu:,.0f} | "
             f"{_cores(args.target / per_cpu)} |"
         )
-    command = "python -m benchmarks.input_pipeline " + " ".join(sys.argv[1:])
+    flags = sys.argv[1:] if argv is None else argv
+    command = "python -m benchmarks.input_pipeline " + " ".join(flags)
     header = (
         f"Command: `{command.strip()}` (global batch {args.batch}, {args.images} JPEGs of "
         f"{kib:.0f} KiB on average, files in the page cache). CPU: {_cpu_model()}, "
