@@ -22,16 +22,14 @@ one) a 5-step tiny digits run trained into a temporary folder (:func:`smoke_work
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import platform
-import tempfile
 import time
-from collections.abc import Iterator
 
 import jax
 
+from benchmarks.common import smoke_workdir
 from jaxdiff.data import load_digits
 from jaxdiff.experiment import load_run, resolve_sampler, sample_and_evaluate
 from jaxdiff.metrics import evaluate_samples, get_evaluator
@@ -56,26 +54,6 @@ COLUMNS = ("fd_digits", "fd_at_297", "precision", "recall", "density", "coverage
 def _row(name, nfe, n, metrics, seconds):
     vals = " | ".join(f"{metrics[c]:.3f}" if c in metrics else "-" for c in COLUMNS)
     return f"| {name} | {nfe} | {n} | {vals} | {seconds:.0f} |"
-
-
-@contextlib.contextmanager
-def smoke_workdir(workdir: str | None) -> Iterator[str]:
-    """Yields ``workdir``, or (if None) a tiny digits run trained into a temporary folder.
-
-    The run is the test suite's tiny digits config (``tests/tiny.py``, 5 steps of a UNet
-    with 8 channels): seconds to train on a CPU, and enough to exercise every code path a
-    benchmark takes with a real run. The folder is removed on exit.
-    """
-    if workdir is not None:
-        yield workdir
-        return
-    from jaxdiff.experiment import train_and_evaluate
-    from tests.tiny import tiny_config  # run from the repo root, like tests.mixture
-
-    with tempfile.TemporaryDirectory(prefix="jaxdiff-smoke-run-") as tmp:
-        print(f"# --smoke: training a 5-step tiny digits run in {tmp}", flush=True)
-        train_and_evaluate(tiny_config(5), tmp)
-        yield tmp
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
-from benchmarks.eval_digits import smoke_workdir
+from benchmarks.common import smoke_workdir
 from jaxdiff.experiment import generate_samples, load_run, resolve_sampler
 from jaxdiff.metrics.classifier import DigitsClassifier, classifier_model, save_classifier
 from jaxdiff.utils.images import make_grid, upscale

@@ -1,0 +1,155 @@
+"""Every benchmark's ``--smoke`` mode, run in-process, so that none of them rots.
+
+Each test runs a benchmark's ``main`` at tiny size (on the shared 5-step ``trained_run``
+where it needs a run) and checks that its table comes out with the expected rows, exact
+network-evaluation counts where the solver fixes them, and finite numbers elsewhere.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from jaxdiff.errors import InvalidArgumentError
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is not installed: it runs from the repo root
+    sys.path.insert(0, str(ROOT))
+
+
+def _table(text, header):
+    """The rows (lists of cells) of the first Markdown table whose header starts so."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    assert set(lines[start + 1]) <= set("|-"), lines[start + 1]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def _assert_finite(cells):
+    for cell in cells:
+        assert math.isfinite(float(cell.replace(",", "").rstrip("%"))), cells
+
+
+def test_eval_digits_smoke(trained_run, tmp_path, capsys):
+    from benchmarks import eval_digits
+
+    jsonl = tmp_path / "r.jsonl"
+    eval_digits.main(["--smoke", f"--workdir={trained_run}", f"--jsonl={jsonl}"])
+    rows = _table(capsys.readouterr().out, "| setting | NFE | N | FD-digits")
+    assert [r[0] for r in rows] == [
+        "real held-out digits (test split)",
+        "heun 2 steps, guidance cfg:2.0",
+        "heun 2 steps, guidance none",
+    ]
+    # Heun's 2 steps cost 2N - 1 = 3 evaluations; CFG doubles them.
+    assert [r[1:3] for r in rows] == [["-", "297"], ["6", "24"], ["3", "24"]]
+    for row in rows:
+        _assert_finite(row[3:])
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(records) == 3
+    for record in records:
+        _assert_finite(str(v) for k, v in record.items() if k != "setting")
+
+
+def test_every_eval_digits_setting_resolves():
+    # The smoke run samples two settings; a renamed solver or guidance in the others
+    # must still fail here, without a compile.
+    from tiny import tiny_config
+
+    from benchmarks import eval_digits
+    from jaxdiff.experiment import resolve_sampler
+
+    for solver, steps, guidance in eval_digits.SETTINGS:
+        spec = resolve_sampler(
+            tiny_config().sample, num_classes=10, solver=solver, steps=steps, guidance=guidance
+        )
+        assert spec.steps == steps and (spec.guidance is None) == (guidance == "none")
+
+
+def test_guidance_smoke_mixture(capsys):
+    from benchmarks import guidance
+
+    guidance.main(["--smoke"])
+    out = capsys.readouterr().out
+    rows = _table(out, "| method | NFE/sample")
+    assert [r[0].strip("`") for r in rows] == list(guidance.mixture_methods())
+    nfe = {r[0].strip("`"): int(r[1]) for r in rows}
+    assert nfe["none (conditional)"] == 4 and nfe["cfg:2"] == 8  # Euler, 4 steps
+    for row in rows:
+        _assert_finite(row[1:])
+    ag_rows = _table(out, "| AG threshold")
+    assert [float(r[0]) for r in ag_rows] == [0.95, 0.99, 0.999]
+    for row in ag_rows:
+        assert int(row[1]) <= int(row[2]) == 8
+        _assert_finite(row[1:])
+    assert "## Trained run" not in out
+
+
+def test_guidance_smoke_on_a_run(trained_run, capsys):
+    from benchmarks import guidance
+
+    guidance.main(["--smoke", "--skip_mixture", f"--workdir={trained_run}"])
+    out = capsys.readouterr().out
+    assert "Gaussian mixture" not in out
+    rows = _table(out, "| method | NFE/sample")
+    assert [r[0].strip("`") for r in rows] == list(guidance.SMOKE_DIGITS_METHODS)
+    nfe = {r[0].strip("`"): int(r[1]) for r in rows}
+    assert nfe["none (conditional)"] == 4 and nfe["cfg:2"] == 8
+    for row in rows:
+        _assert_finite(row[1:])
+
+
+def test_guidance_grid_smoke(trained_run, tmp_path, capsys):
+    from benchmarks import guidance_grid
+
+    out = tmp_path / "grid.png"
+    guidance_grid.main(["--smoke", f"--workdir={trained_run}", f"--out={out}"])
+    lines = capsys.readouterr().out.splitlines()
+    sampled = {
+        line.split()[0]: int(line.split("nfe=")[1].split()[0]) for line in lines if "nfe=" in line
+    }
+    # Heun's 2 steps: 3 evaluations (6 with two networks); CFG++ runs Euler: 2 x 2.
+    assert sampled == {"cfgpp:0.6": 4, "autoguidance:2.0": 6, "classifier:2.0": 3}
+    parsed = [line for line in lines if "parsed, not sampled" in line]
+    assert len(parsed) == len(guidance_grid.specs(None, None)) - 1  # all but CFG++
+    assert lines[-1] == f"wrote {out}"
+    with Image.open(out) as image:  # 3 rows of 10 8x8 digits, 1 px apart, 4x; 260 px names
+        assert image.size == (260 + 4 * (10 * 9 + 1), 4 * (3 * 9 + 1))
+
+
+def test_input_pipeline_smoke(capsys):
+    from benchmarks import input_pipeline
+
+    input_pipeline.main(["--smoke"])
+    out = capsys.readouterr().out
+    rows = _table(out, "| data | workers")
+    # Workers 0 and 1 (threads 0 and 8 without workers) for JPEGs, latents and NpySource
+    # and ArrayRecordSource; decode-only rows for both JPEG folders.
+    assert len(rows) == 4 + 3 + 2 * 2
+    assert rows[0][0] == "JPEG 80x60 -> 48: decode + crop only"
+    assert {r[1] for r in rows} == {"- (1 thread)", "0", "1"}
+    for row in rows:
+        _assert_finite(row[3:])
+        assert float(row[3].replace(",", "")) > 0
+    assert "Command: `python -m benchmarks.input_pipeline --smoke`" in out
+
+
+def test_flags_that_cannot_work_are_refused_before_any_work(capsys):
+    from benchmarks import guidance, guidance_grid, input_pipeline
+
+    with pytest.raises(SystemExit):
+        guidance_grid.main([])
+    assert "--workdir is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        guidance.main(["--skip_mixture"])
+    assert "--workdir=RUN" in capsys.readouterr().err
+    with pytest.raises(InvalidArgumentError, match="drop --write"):  # smoke never writes docs/
+        input_pipeline.main(["--smoke", "--write"])
