@@ -9,12 +9,14 @@ jaxdiff.metrics.reference_stats``). Metrics never build models or samplers:
 ``docs/evaluation.md``.
 """
 
+from jaxdiff.metrics.adm_batches import AdmBatch, load_adm_reference, save_adm_reference
 from jaxdiff.metrics.classifier import (
     CLASSIFIER_PATH,
     CLASSIFIER_SHA256,
     DigitsClassifier,
     load_classifier,
 )
+from jaxdiff.metrics.dinov2 import DINOv2ViT, dinov2_features, load_dinov2_params
 from jaxdiff.metrics.evaluate import (
     EVALUATORS,
     INCEPTION_FEATURE,
@@ -40,6 +42,7 @@ from jaxdiff.metrics.inception import (
     load_inception_variables,
 )
 from jaxdiff.metrics.prdc import density_coverage, prdc, precision_recall
+from jaxdiff.metrics.scores import adm_spatial_features, inception_score, kid, mmd2_unbiased
 from jaxdiff.metrics.statistics import FORMAT_VERSION, ReferenceStatistics, RunningStatistics
 from jaxdiff.metrics.streaming import (
     feature_evaluator,
@@ -57,7 +60,9 @@ __all__ = [
     "INCEPTION_FEATURE",
     "INCEPTION_SHA256",
     "INCEPTION_WEIGHTS_ENV",
+    "AdmBatch",
     "ChecksumMismatchError",
+    "DINOv2ViT",
     "DigitsClassifier",
     "Evaluator",
     "InceptionV3",
@@ -65,8 +70,10 @@ __all__ = [
     "ReferenceStatistics",
     "RunningStatistics",
     "SampleEvalResult",
+    "adm_spatial_features",
     "class_accuracy",
     "density_coverage",
+    "dinov2_features",
     "evaluate_samples",
     "fd_digits",
     "feature_evaluator",
@@ -74,15 +81,21 @@ __all__ = [
     "frechet_distance",
     "get_evaluator",
     "inception_features",
+    "inception_score",
+    "kid",
+    "load_adm_reference",
     "load_classifier",
+    "load_dinov2_params",
     "load_inception_variables",
     "load_statistics",
     "make_sample_and_evaluate_fn",
     "mmd",
+    "mmd2_unbiased",
     "negative_log_likelihood",
     "prdc",
     "precision_recall",
     "reference_statistics",
+    "save_adm_reference",
     "save_reference_statistics",
     "save_statistics",
     "sliced_wasserstein",
