@@ -41,6 +41,12 @@ from jaxdiff.metrics.inception import (
     inception_features,
     load_inception_variables,
 )
+from jaxdiff.metrics.inception_heads import (
+    inception_logits,
+    inception_outputs,
+    load_inception_fc,
+    save_inception_fc,
+)
 from jaxdiff.metrics.prdc import density_coverage, prdc, precision_recall
 from jaxdiff.metrics.scores import adm_spatial_features, inception_score, kid, mmd2_unbiased
 from jaxdiff.metrics.statistics import FORMAT_VERSION, ReferenceStatistics, RunningStatistics
@@ -53,6 +59,10 @@ from jaxdiff.metrics.toy import mmd, negative_log_likelihood, sliced_wasserstein
 from jaxdiff.metrics.weights import ChecksumMismatchError
 
 __all__ = [
+    "inception_logits",
+    "inception_outputs",
+    "load_inception_fc",
+    "save_inception_fc",
     "CLASSIFIER_PATH",
     "CLASSIFIER_SHA256",
     "EVALUATORS",

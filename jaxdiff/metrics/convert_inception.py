@@ -12,6 +12,9 @@ jaxdiff dependency)::
     # 3. point jaxdiff at it
     export JAXDIFF_INCEPTION_WEIGHTS=$PWD/fid_inception.npz
 
+Add ``--fc-out=fid_inception_fc.npz`` to also write the 1008-way logits layer (Inception
+Score; :mod:`jaxdiff.metrics.inception_heads`) to its own file (+ ``.sha256``).
+
 Name mapping, torch state-dict key -> ``.npz`` key, where ``X`` is a module path such as
 ``Mixed_5b.branch5x5_1`` whose dots become slashes:
 
@@ -20,7 +23,9 @@ Name mapping, torch state-dict key -> ``.npz`` key, where ``X`` is a module path
 * ``X.bn.running_mean`` -> ``batch_stats/X/bn/mean``;
   ``X.bn.running_var`` -> ``batch_stats/X/bn/var``;
 * ``X.bn.num_batches_tracked``, ``fc.*`` (the 1008-way logits) and ``AuxLogits.*`` are
-  dropped: pool3 does not use them.
+  dropped from the pool3 file: pool3 does not use them;
+* ``fc.weight`` ``[1008, 2048]`` -> ``kernel`` ``[2048, 1008]`` and ``fc.bias`` -> ``bias``
+  of the separate logits file (:func:`convert_fc`).
 
 Every expected variable must be present with the right shape, or the converter stops.
 The output is byte-deterministic, so the same ``.pth`` always yields the same SHA-256.
@@ -36,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxdiff.metrics.inception_weights import save_inception_variables
+from jaxdiff.metrics.inception_heads import save_inception_fc
+from jaxdiff.metrics.inception_weights import PTH_FILENAME, save_inception_variables
 from jaxdiff.metrics.weights import file_sha256
 from jaxdiff.utils import storage
 from jaxdiff.utils.trees import unflatten_tree
@@ -80,15 +86,43 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return unflatten_tree(flat)
 
 
-def convert(pth: str, out: str) -> str:
+def convert_fc(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Extracts the 1008-way logits layer (``fc.weight``, ``fc.bias``) of the state dict.
+
+    Args:
+      state_dict: Torch key -> array (torch tensors or numpy arrays).
+
+    Returns:
+      ``{"kernel": [2048, 1008], "bias": [1008]}`` float32 numpy arrays.
+
+    Raises:
+      ValueError: If ``fc.weight`` or ``fc.bias`` is missing.
+    """
+    missing = [k for k in ("fc.weight", "fc.bias") if k not in state_dict]
+    if missing:
+        raise ValueError(
+            f"the Inception state dict has no {missing}: use pytorch-fid's {PTH_FILENAME}, "
+            "which includes the logits layer"
+        )
+
+    def arr(key: str) -> np.ndarray:
+        value = state_dict[key]
+        value = value.detach().cpu().numpy() if hasattr(value, "detach") else value
+        return np.asarray(value, np.float32)
+
+    return {"kernel": np.ascontiguousarray(arr("fc.weight").T), "bias": arr("fc.bias")}
+
+
+def convert(pth: str, out: str, fc_out: str | None = None) -> str:
     """Reads the ``.pth`` with torch, converts it and writes ``out`` (+ ``out.sha256``).
 
     Args:
       pth: Path of ``pt_inception-2015-12-05-6726825d.pth`` (local or a bucket URL).
       out: Output ``.npz`` path (local or a bucket URL).
+      fc_out: If given, also write the logits layer there (+ ``.sha256``).
 
     Returns:
-      The SHA-256 of the written file.
+      The SHA-256 of the pool3 weights file.
 
     Raises:
       ImportError: If torch is not installed (with the install command).
@@ -102,6 +136,8 @@ def convert(pth: str, out: str) -> str:
         ) from err
     data = io.BytesIO(storage.read_bytes(pth))  # through storage, so gs:// works too
     state_dict = torch.load(data, map_location="cpu", weights_only=True)
+    if fc_out is not None:
+        save_inception_fc(fc_out, convert_fc(state_dict))
     return save_inception_variables(out, convert_state_dict(state_dict))
 
 
@@ -110,9 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pth", required=True, help="pt_inception-2015-12-05-6726825d.pth")
     parser.add_argument("--out", required=True, help="output .npz")
+    parser.add_argument("--fc-out", default=None, help="also write the logits layer here")
     args = parser.parse_args(argv)
     print(f"source {args.pth}: SHA-256 {file_sha256(args.pth)}")
-    digest = convert(args.pth, args.out)
+    digest = convert(args.pth, args.out, args.fc_out)
+    if args.fc_out is not None:
+        fc_out = storage.to_str(args.fc_out)
+        print(f"wrote {fc_out}, SHA-256 {file_sha256(fc_out)} (also in {fc_out}.sha256)")
     out = storage.to_str(args.out)  # absolute for a local file; a bucket URL as given
     print(f"wrote {out}, SHA-256 {digest} (also in {out}.sha256)")
     print(f"use it with: export JAXDIFF_INCEPTION_WEIGHTS={out}")

@@ -19,6 +19,11 @@ Float images in [-1, 1] (jaxdiff's sample range) are by default first quantised 
 pipelines evaluate; ``uint8`` images in [0, 255] are mapped by ``u / 127.5 - 1``.
 Grayscale images are repeated to 3 channels.
 
+``InceptionV3(...)(x, return_spatial=True)`` also returns ADM's sFID feature map
+(``Mixed_6d``, first 7 channels); :mod:`jaxdiff.metrics.inception_heads` builds the sFID
+features, the 1008-way logits and the Inception Score on it. Parity with pytorch-fid
+0.3.0 (features to 1e-4, FID to 0.1 %) is tested in ``tests/test_metrics_inception_parity.py``.
+
 Weights are never downloaded: :mod:`jaxdiff.metrics.inception_weights` finds, checks
 and loads the local ``.npz`` that ``python -m jaxdiff.metrics.convert_inception`` makes;
 its public names are re-exported here.
@@ -51,6 +56,9 @@ FEATURE_DIM = 2048
 
 INPUT_SIZE = 299
 """Side of the network's input images."""
+
+SPATIAL_CHANNELS = 7
+"""Channels of ``Mixed_6d`` (TF ``mixed_6/conv``) that ADM's sFID keeps."""
 
 
 def _pool_same(x: jax.Array, kind: str) -> jax.Array:
@@ -243,15 +251,21 @@ class InceptionV3(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Computes pool3 features.
+    def __call__(
+        self, x: jax.Array, return_spatial: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Computes pool3 features and, optionally, ADM's spatial (sFID) feature map.
 
         Args:
           x: ``[B, H, W, 3]`` images already in [-1, 1] and resized (see
             :func:`preprocess`); H, W >= 75.
+          return_spatial: Also return the first :data:`SPATIAL_CHANNELS` channels of
+            ``Mixed_6d``'s output, which are its ``branch1x1`` (concatenated first): the TF
+            graph's ``mixed_6/conv:0`` (post-ReLU) that ADM's evaluator keeps for sFID.
 
         Returns:
-          ``[B, 2048]`` float32 features.
+          ``[B, 2048]`` float32 features, or ``(features, spatial)`` with ``spatial``
+          ``[B, h, w, 7]`` float32 (17x17 at 299 px) when ``return_spatial``.
         """
         c = functools.partial(BasicConv, dtype=self.dtype)
         kw = dict(dtype=self.dtype)
@@ -274,10 +288,13 @@ class InceptionV3(nn.Module):
             ("Mixed_6e", 192),
         ):
             x = InceptionC(c7, name=name, **kw)(x)
+            if name == "Mixed_6d":
+                spatial = x[..., :SPATIAL_CHANNELS].astype(jnp.float32)
         x = InceptionD(name="Mixed_7a", **kw)(x)
         x = InceptionE("avg", name="Mixed_7b", **kw)(x)
         x = InceptionE("max", name="Mixed_7c", **kw)(x)
-        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        pool3 = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        return (pool3, spatial) if return_spatial else pool3
 
 
 def preprocess(
@@ -355,6 +372,7 @@ __all__ = [
     "INPUT_SIZE",
     "PTH_FILENAME",
     "PTH_URL",
+    "SPATIAL_CHANNELS",
     "InceptionV3",
     "InceptionWeightsNotFoundError",
     "inception_features",
