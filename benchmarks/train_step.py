@@ -101,7 +101,7 @@ from benchmarks.common import (
 from jaxdiff.data.augment import AUGMENT_LABEL
 from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.experiment.builders import PRECISIONS, build_data
-from jaxdiff.experiment.train import build_train_step
+from jaxdiff.experiment.train import build_train_step, model_batch
 from jaxdiff.models import cudnn_attention_calls
 from jaxdiff.parallel import batch_sharding, prefetch_to_mesh, put_global
 from jaxdiff.utils.flops import count_flops, device_peak_flops, training_flops, xla_flops
@@ -209,16 +209,6 @@ def measure_step(
     ), bundle
 
 
-def _model_batch(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
-    """The keys the train step reads (as training's ``Experiment.to_model_batch``)."""
-    out = {"image": batch["image"]}
-    if num_classes > 0:
-        out["label"] = batch["label"]
-    if AUGMENT_LABEL in batch:
-        out[AUGMENT_LABEL] = batch[AUGMENT_LABEL]
-    return out
-
-
 def pipeline_seconds(
     config: ml_collections.ConfigDict, bundle: Any, num_batches: int, folder: str
 ) -> float:
@@ -239,7 +229,7 @@ def pipeline_seconds(
         config.data.name, config.data.path = "npy", folder
     _, data, _ = build_data(config)
     batches = prefetch_to_mesh(
-        data, bundle.mesh, size=2, transform=lambda b: _model_batch(b, bundle.num_classes)
+        data, bundle.mesh, size=2, transform=lambda b: model_batch(b, bundle.num_classes)
     )
     try:
         batches.start_prefetch()

@@ -101,13 +101,18 @@ class Experiment:
     seed: int
 
     def to_model_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Keeps the keys the train step reads (labels only for conditional models)."""
-        out = {"image": batch["image"]}
-        if self.num_classes > 0:
-            out["label"] = batch["label"]
-        if AUGMENT_LABEL in batch:  # what an augmentation did, for a network that sees it
-            out[AUGMENT_LABEL] = batch[AUGMENT_LABEL]
-        return out
+        """Keeps the keys the train step reads (see :func:`model_batch`)."""
+        return model_batch(batch, self.num_classes)
+
+
+def model_batch(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
+    """The keys of a data batch the train step reads (labels only for conditional models)."""
+    out = {"image": batch["image"]}
+    if num_classes > 0:
+        out["label"] = batch["label"]
+    if AUGMENT_LABEL in batch:  # what an augmentation did, for a network that sees it
+        out[AUGMENT_LABEL] = batch[AUGMENT_LABEL]
+    return out
 
 
 @dataclasses.dataclass
@@ -412,6 +417,7 @@ __all__ = [
     "first_ema",
     "init_state",
     "make_grid_hook",
+    "model_batch",
     "make_phema_hook",
     "train_and_evaluate",
 ]
