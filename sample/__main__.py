@@ -43,9 +43,15 @@ _EMA = flags.DEFINE_string(
 )
 _OUT = flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/samples/grid.png).")
 _SCALE = flags.DEFINE_integer("scale", None, "Grid upscaling (default: the run's config).")
-_EVAL = flags.DEFINE_string("eval", None, "Evaluate the samples: fd_digits, fid or toy.")
+_EVAL = flags.DEFINE_string("eval", None, "Evaluate the samples: fd_digits, fid, fd_dinov2 or toy.")
 _FID_STATS = flags.DEFINE_string("fid_stats", None, "Reference .npz (mu, sigma) for --eval=fid.")
 _WEIGHTS = flags.DEFINE_string("inception_weights", None, "FID Inception weights file.")
+_DINOV2_STATS = flags.DEFINE_string(
+    "dinov2_stats", None, "Reference .npz (mu, sigma) of DINOv2 features for --eval=fd_dinov2."
+)
+_DINOV2 = flags.DEFINE_string(
+    "dinov2_weights", None, "Converted DINOv2 .safetensors (default $JAXDIFF_DINOV2_WEIGHTS)."
+)
 _STUDENT = flags.DEFINE_string(
     "student", None, "Distilled student workdir: hybrid sampling, base first, student after."
 )
@@ -92,11 +98,25 @@ def _check_flags(out: str) -> None:
             )
     if _SWITCH.value < 0:
         raise app.UsageError(f"--switch_step must be >= 0, got {_SWITCH.value}")
-    if _EVAL.value is not None and _EVAL.value not in ("fd_digits", "fid", "toy"):
-        raise app.UsageError(f"--eval must be fd_digits, fid or toy, got {_EVAL.value!r}")
+    if _EVAL.value is not None and _EVAL.value not in ("fd_digits", "fid", "fd_dinov2", "toy"):
+        raise app.UsageError(
+            f"--eval must be fd_digits, fid, fd_dinov2 or toy, got {_EVAL.value!r}"
+        )
+    if _EVAL.value == "fd_dinov2" and not _DINOV2_STATS.value:
+        raise app.UsageError(
+            "--eval=fd_dinov2 needs --dinov2_stats=<reference .npz from python -m "
+            "jaxdiff.metrics.reference_stats --evaluator=fd_dinov2>"
+        )
     if _EVAL.value == "fid" and not _FID_STATS.value:
         raise app.UsageError("--eval=fid needs --fid_stats=<reference .npz with mu and sigma>")
-    for name, flag in (("fid_stats", _FID_STATS), ("inception_weights", _WEIGHTS), ("vae", _VAE)):
+    files = (
+        ("fid_stats", _FID_STATS),
+        ("inception_weights", _WEIGHTS),
+        ("dinov2_stats", _DINOV2_STATS),
+        ("dinov2_weights", _DINOV2),
+        ("vae", _VAE),
+    )
+    for name, flag in files:
         if flag.value and not storage.isfile(flag.value):
             raise app.UsageError(f"--{name}={flag.value} does not exist")
     if not out.lower().endswith(".png") or storage.isdir(out):
@@ -155,6 +175,9 @@ def _sample(run, mesh, out: str) -> None:
     labels = ex.parse_labels(_LABELS.value, _NUM.value, run.num_classes)
     common = dict(num=_NUM.value, labels=labels, seed=_SEED.value, batch_size=_BATCH.value)
     metrics, extra = None, {}
+    fid = {"reference_stats": _FID_STATS.value, "inception_weights": _WEIGHTS.value}
+    dinov2 = {"reference_stats": _DINOV2_STATS.value, "dinov2_weights": _DINOV2.value}
+    options = {"fid": fid, "fd_dinov2": dinov2}
     if _STUDENT.value:
         student = ex.load_run(_STUDENT.value, mesh=mesh)
         samples, nfe = ex.hybrid_generate_samples(
@@ -164,10 +187,13 @@ def _sample(run, mesh, out: str) -> None:
         if _EVAL.value:
             from jaxdiff.metrics import evaluate_samples
 
-            metrics = evaluate_samples(_EVAL.value, samples, labels if run.num_classes else None)
+            metrics = evaluate_samples(
+                _EVAL.value,
+                samples,
+                labels if run.num_classes else None,
+                **options.get(_EVAL.value, {}),
+            )
     elif _EVAL.value:
-        fid = {"reference_stats": _FID_STATS.value, "inception_weights": _WEIGHTS.value}
-        options = {"fid": fid}
         result = ex.sample_and_evaluate(
             run, _EVAL.value, _NUM.value, _SEED.value, spec=spec,
             labels=labels if run.num_classes else None, batch_size=_BATCH.value,

@@ -33,6 +33,13 @@ CASES = [
     ("eval-unknown", "sample", ["--eval=inception_score"], "inception_score"),
     ("fid-without-stats", "sample", ["--eval=fid"], "--fid_stats"),
     ("fid-stats-missing", "sample", ["--eval=fid", "--fid_stats=/nonexistent.npz"], "nonexistent"),
+    ("dinov2-without-stats", "sample", ["--eval=fd_dinov2"], "--dinov2_stats"),
+    (
+        "dinov2-weights-missing",
+        "sample",
+        ["--eval=fd_dinov2", "--dinov2_stats=FILE", "--dinov2_weights=/nonexistent.st"],
+        "nonexistent.st",
+    ),
     ("out-is-dir", "sample", ["--out=TMP"], "--out"),
     ("out-not-png", "sample", ["--out=TMP/grid.jpg"], "grid.jpg"),
     ("out-under-a-file", "sample", ["--out=FILE/sub/grid.png"], "cannot write"),
@@ -108,6 +115,18 @@ CASES = [
         STATS,
         ["--dataset=moons", "--evaluator=fd_digits", "--out=SCRATCH/moons.npz"],
         "fd_digits describes 8x8",
+    ),
+    (
+        "stats-dinov2-weights-on-fid",
+        STATS,
+        ["--dataset=digits", "--evaluator=fid", "--dinov2_weights=FILE", "--out=NEW/s.npz"],
+        "--dinov2_weights is for --evaluator=fd_dinov2",
+    ),
+    (
+        "stats-dinov2-no-weights",
+        STATS,
+        ["--dataset=digits", "--evaluator=fd_dinov2", "--out=SCRATCH/d.npz"],
+        "convert_dinov2",
     ),
 ]
 

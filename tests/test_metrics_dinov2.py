@@ -166,3 +166,38 @@ def test_preset_param_counts():
     images = jax.ShapeDtypeStruct((2, 64, 64, 3), np.uint8)
     out = jax.eval_shape(dinov2.dinov2_features, shapes, images)  # (vitl14 from the loop)
     assert out.shape == (2, 1024) and out.dtype == np.float32
+
+
+def test_fd_dinov2_evaluator_statistics_and_errors(tmp_path, monkeypatch):
+    """The "fd_dinov2" evaluator: reference statistics in its own space, FD ~0 on itself."""
+    from jaxdiff.metrics import (
+        ReferenceStatistics,
+        evaluate_samples,
+        get_evaluator,
+        save_reference_statistics,
+    )
+    from jaxdiff.metrics.fd_dinov2 import DINOV2_WEIGHTS_ENV, dinov2_feature_name
+
+    weights = str(tmp_path / "tiny.safetensors")
+    convert_dinov2.convert(PTH, weights, TINY)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (12, 20, 20, 3)).astype(np.float32)
+    stats_path = tmp_path / "ref.npz"
+    digest = save_reference_statistics(
+        "fd_dinov2", images, stats_path, batch_size=4, dinov2_weights=weights
+    )
+    stats = ReferenceStatistics.load(stats_path, expected_sha256=digest)
+    assert stats.feature == dinov2_feature_name(TINY) and stats.mu.shape == (TINY.embed_dim,)
+    ev = get_evaluator("fd_dinov2", reference_stats=stats_path, dinov2_weights=weights)
+    assert evaluate_samples(ev, images)["fd_dinov2"] == pytest.approx(0.0, abs=1e-3)
+    shifted = np.clip(images + 0.5, -1, 1)
+    assert evaluate_samples(ev, shifted)["fd_dinov2"] > 1e-3
+    wrong = tmp_path / "fid_like.npz"
+    ReferenceStatistics(np.zeros(3), np.eye(3), feature="inception_v3_pool3").save(wrong)
+    with pytest.raises(ValueError, match="'inception_v3_pool3' features"):
+        get_evaluator("fd_dinov2", reference_stats=wrong, dinov2_weights=weights)
+    monkeypatch.delenv(DINOV2_WEIGHTS_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match="convert_dinov2"):
+        get_evaluator("fd_dinov2", reference_stats=stats_path)
+    monkeypatch.setenv(DINOV2_WEIGHTS_ENV, weights)  # the environment names the weights
+    assert get_evaluator("fd_dinov2", reference_stats=stats_path).name == "fd_dinov2"

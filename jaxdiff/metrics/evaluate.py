@@ -16,6 +16,8 @@ name           metrics                                                          
                ``coverage``, ``class_accuracy`` (with labels)                   (shipped)
 ``fid``        ``fid`` (Inception pool3 vs reference ``mu``/``sigma``)          weights +
                                                                                  stats file
+``fd_dinov2``  ``fd_dinov2`` (DINOv2 CLS features, EDM2's preprocessing)        weights +
+                                                                                 stats file
 ``toy``        ``nll`` (exact), ``support_fraction`` (checkerboard), ``swd``,   dataset
                ``mmd`` vs the toy's ``"test"`` split                            name
 =============  ===============================================================  ========
@@ -56,12 +58,13 @@ from jaxdiff.metrics import fd_digits as fdd
 from jaxdiff.metrics import toy
 from jaxdiff.metrics.classifier import DigitsClassifier, load_classifier
 from jaxdiff.metrics.evaluator import Evaluator, Features
+from jaxdiff.metrics.fd_dinov2 import fd_dinov2_evaluator
 from jaxdiff.metrics.frechet import feature_statistics, frechet_distance
 from jaxdiff.metrics.inception import inception_features, load_inception_variables
 from jaxdiff.metrics.statistics import ReferenceStatistics
 from jaxdiff.parallel import make_sharded_generate
 
-EVALUATORS = ("fd_digits", "fid", "toy")
+EVALUATORS = ("fd_digits", "fid", "fd_dinov2", "toy")
 """Names accepted by :func:`get_evaluator`."""
 
 INCEPTION_FEATURE = "inception_v3_pool3"
@@ -245,7 +248,12 @@ def get_evaluator(name: str, **kwargs: Any) -> Evaluator:
     Raises:
       ValueError: For an unknown name, listing the known ones.
     """
-    builders = {"fd_digits": fd_digits_evaluator, "fid": fid_evaluator, "toy": toy_evaluator}
+    builders = {
+        "fd_digits": fd_digits_evaluator,
+        "fid": fid_evaluator,
+        "fd_dinov2": fd_dinov2_evaluator,
+        "toy": toy_evaluator,
+    }
     if name not in builders:
         raise ValueError(f"unknown evaluator {name!r}: choose one of {list(EVALUATORS)}")
     return builders[name](**kwargs)

@@ -32,7 +32,7 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Side image folders are c
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared TFDS data folder (local or gs://).")
 _SPLIT = flags.DEFINE_string("split", "train", "Split to describe.")
 _EVALUATOR = flags.DEFINE_enum(
-    "evaluator", None, ["fid", "fd_digits"], "Evaluator whose features to describe."
+    "evaluator", None, ["fid", "fd_digits", "fd_dinov2"], "Evaluator whose features to describe."
 )
 _OUT = flags.DEFINE_string("out", None, "Output .npz (local or gs://).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images per feature batch (over all devices).")
@@ -42,6 +42,11 @@ _INCEPTION = flags.DEFINE_string(
 )
 _CLASSIFIER = flags.DEFINE_string(
     "classifier", None, "fd_digits: classifier .npz (default: the shipped one)."
+)
+_DINOV2 = flags.DEFINE_string(
+    "dinov2_weights",
+    None,
+    "fd_dinov2: converted DINOv2 .safetensors (default $JAXDIFF_DINOV2_WEIGHTS).",
 )
 flags.mark_flags_as_required(["dataset", "evaluator", "out"])
 
@@ -60,6 +65,8 @@ def _check_flags() -> None:
         raise ValueError("--inception_weights is for --evaluator=fid only: drop it")
     if _EVALUATOR.value != "fd_digits" and _CLASSIFIER.value:
         raise ValueError("--classifier is for --evaluator=fd_digits only: drop it")
+    if _EVALUATOR.value != "fd_dinov2" and _DINOV2.value:
+        raise ValueError("--dinov2_weights is for --evaluator=fd_dinov2 only: drop it")
     out = storage.as_path(_OUT.value)  # raises on an unsupported URL scheme
     if storage.isdir(out):
         raise ValueError(f"--out={_OUT.value} is a folder: give a file name, e.g. .../stats.npz")
@@ -77,6 +84,11 @@ def _check_images(shape: tuple[int, ...]) -> None:
         raise ValueError(
             f"--evaluator=fid needs RGB images [H, W, 3], but --dataset={_DATASET.value} has "
             f"examples of shape {shape} (latents must be decoded to images first)"
+        )
+    if _EVALUATOR.value == "fd_dinov2" and (len(shape) != 3 or shape[-1] not in (1, 3)):
+        raise ValueError(
+            f"--evaluator=fd_dinov2 needs images [H, W, 3] or [H, W, 1], but --dataset="
+            f"{_DATASET.value} has examples of shape {shape} (decode latents to images first)"
         )
 
 
@@ -111,6 +123,8 @@ def main(argv: list[str]) -> None:
     # loading it is quicker than opening a large data set.
     if _EVALUATOR.value == "fid":
         evaluator = feature_evaluator("fid", inception_weights=_INCEPTION.value)
+    elif _EVALUATOR.value == "fd_dinov2":
+        evaluator = feature_evaluator("fd_dinov2", dinov2_weights=_DINOV2.value)
     else:
         evaluator = feature_evaluator("fd_digits", classifier=_CLASSIFIER.value)
     source = get_dataset(

@@ -36,6 +36,7 @@ from jaxdiff.metrics.evaluate import (
     inception_feature_fn,
 )
 from jaxdiff.metrics.evaluator import Evaluator, Features
+from jaxdiff.metrics.fd_dinov2 import dinov2_feature_fn, dinov2_feature_name, load_dinov2_weights
 from jaxdiff.metrics.inception import load_inception_variables
 from jaxdiff.metrics.statistics import ReferenceStatistics, RunningStatistics
 from jaxdiff.metrics.weights import arrays_to_bytes
@@ -50,7 +51,7 @@ from jaxdiff.parallel import (
 
 FeatureFn = Callable[[Any, jax.Array], Any]
 """``feature_fn(params, images [B, ...]) -> [B, ...]`` or ``{name: [B, ...]}``, pure."""
-FEATURE_EVALUATORS = ("fid", "fd_digits")
+FEATURE_EVALUATORS = ("fid", "fd_digits", "fd_dinov2")
 """Evaluators :func:`feature_evaluator` (and the command) make reference statistics for."""
 
 
@@ -61,10 +62,11 @@ def feature_evaluator(name: str, **kwargs: Any) -> Evaluator:
     statistics here (they are what is being made).
 
     Args:
-      name: ``"fid"`` or ``"fd_digits"``.
+      name: ``"fid"``, ``"fd_digits"`` or ``"fd_dinov2"``.
       **kwargs: ``"fid"``: ``inception_weights=`` (default ``$JAXDIFF_INCEPTION_WEIGHTS``),
         ``expected_sha256=``, ``input_range=``, ``quantize=``; ``"fd_digits"``:
-        ``classifier=``.
+        ``classifier=``; ``"fd_dinov2"``: ``dinov2_weights=`` (default
+        ``$JAXDIFF_DINOV2_WEIGHTS``), ``input_range=``, ``quantize=``.
 
     Raises:
       ValueError: For another name, listing the known ones.
@@ -86,6 +88,17 @@ def feature_evaluator(name: str, **kwargs: Any) -> Evaluator:
         return Evaluator("fid", variables, fn, _features_only, 50, INCEPTION_FEATURE)
     if name == "fd_digits":
         return get_evaluator("fd_digits", **kwargs)
+    if name == "fd_dinov2":
+        params, config = load_dinov2_weights(kwargs.pop("dinov2_weights", None))
+        opts = {"input_range": "minus_one_one", "quantize": True}
+        unknown = sorted(set(kwargs) - set(opts))
+        if unknown:
+            raise ValueError(
+                f"unknown 'fd_dinov2' options {unknown}: use dinov2_weights, input_range, quantize"
+            )
+        opts.update(kwargs)
+        fn = dinov2_feature_fn(config, opts["input_range"], opts["quantize"])
+        return Evaluator("fd_dinov2", params, fn, _features_only, 50, dinov2_feature_name(config))
     raise ValueError(
         f"no reference statistics for evaluator {name!r}: choose one of {list(FEATURE_EVALUATORS)}"
     )
