@@ -86,6 +86,37 @@ def default_out(workdir: str) -> str:
     return storage.join(workdir, "samples", "grid.png")
 
 
+EVAL_NAMES = ("fd_digits", "fid", "fd_dinov2", "toy")
+"""Evaluators ``--eval`` takes (comma-separated for several)."""
+
+
+def eval_names() -> list[str]:
+    """The evaluators of ``--eval``, in order (empty without the flag).
+
+    Raises:
+        app.UsageError: For an unknown or repeated name.
+    """
+    if _EVAL.value is None:
+        return []
+    names = [n.strip() for n in _EVAL.value.split(",") if n.strip()]
+    bad = [n for n in names if n not in EVAL_NAMES]
+    if bad or not names or len(set(names)) != len(names):
+        raise app.UsageError(
+            f"--eval must be one or more of {', '.join(EVAL_NAMES)} (comma-separated, each "
+            f"once), got {_EVAL.value!r}"
+        )
+    return names
+
+
+def metrics_table(metrics: dict[str, float], nfe: int, num: int) -> str:
+    """One markdown row of every metric, as a paper's results table lays it out."""
+    names = list(metrics)
+    head = "| NFE | samples | " + " | ".join(names) + " |"
+    rule = "|" + "---|" * (len(names) + 2)
+    row = f"| {nfe} | {num} | " + " | ".join(f"{metrics[n]:.4g}" for n in names) + " |"
+    return "\n".join((head, rule, row))
+
+
 def _check_flags(out: str) -> None:
     """Everything that can be checked before JAX starts and the run is restored."""
     for name, flag, low in (("num", _NUM, 1), ("batch_size", _BATCH, 1), ("seed", _SEED, 0)):
@@ -98,16 +129,13 @@ def _check_flags(out: str) -> None:
             )
     if _SWITCH.value < 0:
         raise app.UsageError(f"--switch_step must be >= 0, got {_SWITCH.value}")
-    if _EVAL.value is not None and _EVAL.value not in ("fd_digits", "fid", "fd_dinov2", "toy"):
-        raise app.UsageError(
-            f"--eval must be fd_digits, fid, fd_dinov2 or toy, got {_EVAL.value!r}"
-        )
-    if _EVAL.value == "fd_dinov2" and not _DINOV2_STATS.value:
+    names = eval_names()
+    if "fd_dinov2" in names and not _DINOV2_STATS.value:
         raise app.UsageError(
             "--eval=fd_dinov2 needs --dinov2_stats=<reference .npz from python -m "
             "jaxdiff.metrics.reference_stats --evaluator=fd_dinov2>"
         )
-    if _EVAL.value == "fid" and not _FID_STATS.value:
+    if "fid" in names and not _FID_STATS.value:
         raise app.UsageError("--eval=fid needs --fid_stats=<reference .npz with mu and sigma>")
     files = (
         ("fid_stats", _FID_STATS),
@@ -178,34 +206,34 @@ def _sample(run, mesh, out: str) -> None:
     fid = {"reference_stats": _FID_STATS.value, "inception_weights": _WEIGHTS.value}
     dinov2 = {"reference_stats": _DINOV2_STATS.value, "dinov2_weights": _DINOV2.value}
     options = {"fid": fid, "fd_dinov2": dinov2}
-    if _STUDENT.value:
-        student = ex.load_run(_STUDENT.value, mesh=mesh)
-        samples, nfe = ex.hybrid_generate_samples(
-            run, student, spec, switch_step=_SWITCH.value, **common
-        )
-        samples = samples if vae is None else vae.decode(samples)
-        if _EVAL.value:
-            from jaxdiff.metrics import evaluate_samples
-
-            metrics = evaluate_samples(
-                _EVAL.value,
-                samples,
-                labels if run.num_classes else None,
-                **options.get(_EVAL.value, {}),
-            )
-    elif _EVAL.value:
+    names = eval_names()
+    if len(names) == 1 and not _STUDENT.value:  # features fused into the sharded sampler
         result = ex.sample_and_evaluate(
-            run, _EVAL.value, _NUM.value, _SEED.value, spec=spec,
+            run, names[0], _NUM.value, _SEED.value, spec=spec,
             labels=labels if run.num_classes else None, batch_size=_BATCH.value,
-            evaluator_options=options.get(_EVAL.value), return_samples=True, vae=vae,
+            evaluator_options=options.get(names[0]), return_samples=True, vae=vae,
         )  # fmt: skip
         samples, nfe, metrics = result.samples, result.nfe, result.metrics
-    else:
-        samples, nfe = ex.generate_samples(run, spec, **common)
+    else:  # sample once, then every evaluator on the same samples
+        if _STUDENT.value:
+            student = ex.load_run(_STUDENT.value, mesh=mesh)
+            samples, nfe = ex.hybrid_generate_samples(
+                run, student, spec, switch_step=_SWITCH.value, **common
+            )
+        else:
+            samples, nfe = ex.generate_samples(run, spec, **common)
         if vae is not None:
             extra["latents"], samples = samples, vae.decode(samples)
+        if names:
+            from jaxdiff.metrics import evaluate_samples
+
+            metrics = {}
+            for name in names:
+                cond = labels if run.num_classes else None
+                metrics.update(evaluate_samples(name, samples, cond, **options.get(name, {})))
     if metrics is not None:
-        print(json.dumps({"eval": _EVAL.value, "num": _NUM.value, "nfe": nfe, **metrics}))
+        print(json.dumps({"eval": ",".join(names), "num": _NUM.value, "nfe": nfe, **metrics}))
+        print(metrics_table(metrics, nfe, _NUM.value))
     grid = render_points(samples)[None] if samples.ndim == 2 else samples[:400]
     save_image_grid(out, grid, scale=_SCALE.value or run.config.sample.grid_scale)
     storage.save_npz(out[: -len(".png")] + ".npz", samples=samples, labels=labels, **extra)

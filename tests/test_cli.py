@@ -216,3 +216,38 @@ def test_sample_cli_uses_the_run_sampler_of_a_flow_matching_run(tmp_path):
         f"--out={tmp_path / 'g.png'}",
     )  # fmt: skip
     assert "(10 network evaluations each)" in res.stdout, res.stdout + res.stderr[-2000:]
+
+
+def test_sample_cli_evaluates_several_metrics_on_one_set_of_samples(trained_run, tmp_path):
+    """--eval=a,b samples once and prints every metric in one JSON line and one table."""
+    import json
+
+    from test_metrics_dinov2 import PTH, TINY
+
+    from jaxdiff.data import load_digits
+    from jaxdiff.metrics import save_reference_statistics
+    from jaxdiff.metrics.convert_dinov2 import convert
+
+    weights, stats = str(tmp_path / "dinov2.safetensors"), str(tmp_path / "ref.npz")
+    convert(PTH, weights, TINY)
+    digits = load_digits("test")[0][:16]
+    save_reference_statistics("fd_dinov2", digits, stats, batch_size=8, dinov2_weights=weights)
+    res = _cli(
+        "sample",
+        f"--workdir={trained_run}",
+        "--steps=2",
+        "--num=16",
+        "--batch_size=8",
+        "--eval=fd_digits,fd_dinov2",
+        f"--dinov2_stats={stats}",
+        f"--dinov2_weights={weights}",
+        f"--out={tmp_path / 'g.png'}",
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = next(x for x in res.stdout.splitlines() if x.startswith("{"))
+    scores = json.loads(line)
+    assert scores["eval"] == "fd_digits,fd_dinov2" and scores["nfe"] == 6  # Heun 2 + CFG
+    for key in ("fd_digits", "precision", "fd_dinov2"):
+        assert np.isfinite(scores[key]) and scores[key] >= 0, key
+    header = next(x for x in res.stdout.splitlines() if x.startswith("| NFE"))
+    assert "| fd_digits |" in header and header.endswith("| fd_dinov2 |")
