@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxdiff.data.augment import AUGMENT_LABEL
 from jaxdiff.errors import InvalidArgumentError
 
 MODELS = ("dit-S/2", "dit-B/2", "dit-L/2", "dit-XL/2", "unet", "digits")
@@ -363,3 +364,18 @@ def smoke_workdir(workdir: str | None) -> Iterator[str]:
         print(f"# --smoke: training a 5-step tiny digits run in {tmp}", flush=True)
         train_and_evaluate(tiny_config(5), tmp)
         yield tmp
+
+
+def batch_spec(bundle: Any, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of the train step's global batch (what ``model_batch`` keeps).
+
+    ``image`` always; ``label`` for a conditional model; ``augment_label`` when the
+    network takes augmentation labels (``augment_dim > 0``).
+    """
+    spec = {"image": jax.ShapeDtypeStruct((batch_size, *bundle.sample_shape), np.float32)}
+    if bundle.num_classes > 0:
+        spec["label"] = jax.ShapeDtypeStruct((batch_size,), np.int32)
+    augment_dim = int(getattr(bundle.model, "augment_dim", 0) or 0)
+    if augment_dim > 0:
+        spec[AUGMENT_LABEL] = jax.ShapeDtypeStruct((batch_size, augment_dim), np.float32)
+    return spec

@@ -27,10 +27,10 @@ import argparse
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 
 from benchmarks.common import (
     Table,
+    batch_spec,
     compile_cold_and_warm,
     header_line,
     mib,
@@ -38,11 +38,11 @@ from benchmarks.common import (
     report,
     xla_memory_bytes,
 )
-from jaxdiff.data.augment import AUGMENT_LABEL
+from benchmarks.train_step import configure
 from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.experiment.builders import PRECISIONS
 from jaxdiff.experiment.train import StepBundle, build_train_step
-from jaxdiff.models import cudnn_attention_calls
+from jaxdiff.models import REMAT_POLICIES, cudnn_attention_calls
 from jaxdiff.parallel import batch_sharding
 
 
@@ -55,13 +55,7 @@ def abstract_args(bundle: StepBundle, batch_size: int) -> tuple:
     state = jax.eval_shape(bundle.init_fn, jax.random.key(0))
     state = jax.tree.map(with_sharding, state, bundle.state_shardings)
     sharding = batch_sharding(bundle.mesh)
-    batch = {"image": jax.ShapeDtypeStruct((batch_size, *bundle.sample_shape), np.float32)}
-    if bundle.num_classes > 0:
-        batch["label"] = jax.ShapeDtypeStruct((batch_size,), np.int32)
-    augment_dim = int(getattr(bundle.model, "augment_dim", 0) or 0)
-    if augment_dim:
-        batch[AUGMENT_LABEL] = jax.ShapeDtypeStruct((batch_size, augment_dim), np.float32)
-    batch = {k: with_sharding(v, sharding) for k, v in batch.items()}
+    batch = {k: with_sharding(v, sharding) for k, v in batch_spec(bundle, batch_size).items()}
     return state, batch, jax.random.key(1)
 
 
@@ -73,7 +67,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="comma-separated; default dit-XL/2,unet")
     parser.add_argument("--batch", type=int, default=None, help="global batch (default 256)")
     parser.add_argument("--precision", default="bf16", choices=sorted(PRECISIONS))
-    parser.add_argument("--remat", default="none", choices=("none", "dots", "full"))
+    parser.add_argument("--remat", default="none", choices=REMAT_POLICIES)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--smoke", action="store_true", help="tiny models, seconds on a CPU")
     args = parser.parse_args(argv)
@@ -96,10 +90,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         layouts = (False, True) if name.startswith("dit") else (None,)
         for scan in layouts:
             config, classes, shape = model_config(name, args.smoke)
-            config.train.batch_size, config.precision = args.batch, args.precision
-            config.model.remat = args.remat
-            if scan is not None:
-                config.model.scan_blocks = scan
+            configure(config, args, bool(scan))  # scan only matters for a DiT
             bundle = build_train_step(config, classes, shape)
             with bundle.precision.scope():
                 times = compile_cold_and_warm(bundle.jitted, *abstract_args(bundle, args.batch))

@@ -87,6 +87,7 @@ import numpy as np
 from benchmarks.common import (
     CompileTimes,
     Table,
+    batch_spec,
     compile_cold_and_warm,
     fmt,
     header_line,
@@ -102,7 +103,7 @@ from jaxdiff.data.augment import AUGMENT_LABEL
 from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.experiment.builders import PRECISIONS, build_data
 from jaxdiff.experiment.train import build_train_step, model_batch
-from jaxdiff.models import cudnn_attention_calls
+from jaxdiff.models import REMAT_POLICIES, cudnn_attention_calls
 from jaxdiff.parallel import batch_sharding, prefetch_to_mesh, put_global
 from jaxdiff.utils.flops import count_flops, device_peak_flops, training_flops, xla_flops
 
@@ -121,12 +122,12 @@ def configure(config: ml_collections.ConfigDict, args: argparse.Namespace, scan:
 def random_batch(bundle: Any, batch_size: int, seed: int = 0) -> dict[str, jax.Array]:
     """Random non-zero inputs of the step, placed once with the batch sharding."""
     rng = np.random.default_rng(seed)
-    host = {"image": rng.standard_normal((batch_size, *bundle.sample_shape), np.float32)}
-    if bundle.num_classes > 0:
-        host["label"] = rng.integers(0, bundle.num_classes, batch_size).astype(np.int32)
-    augment_dim = int(getattr(bundle.model, "augment_dim", 0) or 0)
-    if augment_dim > 0:
-        host[AUGMENT_LABEL] = rng.standard_normal((batch_size, augment_dim), np.float32)
+    host = {}
+    for key, spec in batch_spec(bundle, batch_size).items():
+        if key == "label":
+            host[key] = rng.integers(0, bundle.num_classes, spec.shape).astype(spec.dtype)
+        else:  # images ~ N(0, 1); augmentation labels too
+            host[key] = rng.standard_normal(spec.shape, spec.dtype)
     return put_global(host, batch_sharding(bundle.mesh))
 
 
@@ -261,7 +262,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="comma-separated; default dit-B/2")
     parser.add_argument("--batch", type=int, default=None, help="global batch (default 256)")
     parser.add_argument("--precision", default="bf16", choices=sorted(PRECISIONS))
-    parser.add_argument("--remat", default="none", choices=("none", "dots", "full"))
+    parser.add_argument("--remat", default="none", choices=REMAT_POLICIES)
     parser.add_argument("--scan", action="store_true", help="DiT blocks under nn.scan")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20)")
     parser.add_argument("--compare-scan", action="store_true")
