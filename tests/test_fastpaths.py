@@ -215,8 +215,8 @@ def test_mesh_uses_the_topology_and_splits_data_over_slices(monkeypatch):
         recorded.update(ici=tuple(ici), dcn=tuple(dcn))
         return np.asarray(devices).reshape(np.multiply(ici, dcn))
 
-    monkeypatch.setattr(parallel, "num_slices", lambda devices: 2)
-    monkeypatch.setattr(parallel.mesh_utils, "create_hybrid_device_mesh", hybrid)
+    monkeypatch.setattr(parallel.mesh, "num_slices", lambda devices: 2)
+    monkeypatch.setattr(parallel.mesh.mesh_utils, "create_hybrid_device_mesh", hybrid)
     mesh = make_mesh(data=-1, fsdp=2)
     assert recorded == {"ici": (2, 2, 1), "dcn": (2, 1, 1)}
     assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
