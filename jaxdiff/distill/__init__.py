@@ -17,21 +17,39 @@ Pure losses and step builders live one concept per module:
 
 from jaxdiff.distill.divergences import DIVERGENCES, generator_f, weighting
 from jaxdiff.distill.fdistill import (
+    SCHEDULES,
     DistillState,
     FDistillConfig,
     Nets,
+    generator_updates_before,
     is_generator_step,
+    iteration_updates,
     jit_steps,
     make_steps,
 )
 from jaxdiff.distill.fdistill_losses import critic_loss, generator_loss
 from jaxdiff.distill.few_step import backward_simulate, few_step_sample, student_sigmas
+from jaxdiff.distill.heads import HEAD_FORMS
 from jaxdiff.distill.hybrid import hybrid_sample
 from jaxdiff.distill.losses import dmd2_loss, gan_d_loss, gan_g_loss, vsd_loss
-from jaxdiff.distill.ratio import density_ratio, f_weights, time_bin_normalize
+from jaxdiff.distill.pool import per_head
+from jaxdiff.distill.ratio import (
+    TIME_BIN_COORDINATES,
+    bin_coordinate,
+    density_ratio,
+    f_weights,
+    time_bin_normalize,
+)
 
 __all__ = [
     "DIVERGENCES",
+    "HEAD_FORMS",
+    "SCHEDULES",
+    "TIME_BIN_COORDINATES",
+    "bin_coordinate",
+    "generator_updates_before",
+    "iteration_updates",
+    "per_head",
     "DistillState",
     "FDistillConfig",
     "Nets",

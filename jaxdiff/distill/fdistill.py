@@ -14,7 +14,7 @@ Three networks, each with its own optax state:
 
 The generator and critic losses live in :mod:`jaxdiff.distill.fdistill_losses` and are
 re-exported here. The two-time-scale rule (``critic_steps`` critic updates per generator
-update) is the driver's: :func:`is_generator_step`.
+update, :data:`SCHEDULES`) is the driver's: :func:`iteration_updates`.
 """
 
 from __future__ import annotations
@@ -32,11 +32,17 @@ from jax.sharding import Mesh
 from jaxdiff.distill import pool as pool_lib
 from jaxdiff.distill.fdistill_losses import critic_loss, generate, generator_loss, sigma_of_t
 from jaxdiff.distill.features import DenoiseFeats
-from jaxdiff.distill.heads import DiscHead
+from jaxdiff.distill.heads import HEAD_FORMS, DiscHead
+from jaxdiff.distill.ratio import TIME_BIN_COORDINATES
 from jaxdiff.parallel import batch_sharding, replicated
 from jaxdiff.training.state import TrainState, train_state_shardings, update_ema
 
 EXTRACTORS = ("teacher", "fake", "input")
+R1_PERTURBS = ("noised", "clean")
+"""Where approximate R1 adds its noise: to the noised real input ``x_t`` (jaxdiff) or to
+the clean real image, judged at the real sample's level without re-noising (FastGen)."""
+SCHEDULES = ("alternate", "dmd2")
+"""Two-time-scale schedules (:func:`iteration_updates`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +58,14 @@ class FDistillConfig:
         gan_loss: ``"nonsat"`` or ``"hinge"``.
         r1_weight: approximate-R1 weight gamma (0 = off).
         r1_noise: perturbation scale of approximate R1.
+        r1_perturb: what R1 perturbs (:data:`R1_PERTURBS`): ``"noised"`` compares
+            ``D(x_t)`` with ``D(x_t + r1_noise eps)``; ``"clean"`` (FastGen) with
+            ``D(x + r1_noise eps)`` at ``x_t``'s noise level, not re-noised.
         num_time_bins: bins of the per-time ratio normalisation.
         bin_ema: EMA rate of the per-bin means (0 = this batch only).
+        time_bin_coordinate: what the bins split equally
+            (:data:`jaxdiff.distill.ratio.TIME_BIN_COORDINATES`): ``"karras_index"``
+            (``t`` in [0, 1]) or ``"sigma"`` (FastGen's EDM form, ``[sigma_min, sigma_max]``).
         logit_clip: clip of the logits before ``exp``.
         ratio_range: clip of the ratio ``r``.
         sigma_min: smallest noise level of the time grid.
@@ -64,6 +76,8 @@ class FDistillConfig:
         disc_t_range: ``t`` range of the discriminator's noise.
         student_sigmas: the student's input noise levels (one entry = one-step).
         extractor: discriminator features: ``"teacher"``, ``"fake"`` or ``"input"``.
+        head_form: image-branch layout of the heads
+            (:data:`jaxdiff.distill.heads.HEAD_FORMS`; ``"dmd2"`` = DMD2's own).
         num_heads: heads in the discriminator pool.
         head_kinds: cycle of head kinds (:data:`jaxdiff.distill.pool.HEAD_KINDS`).
         num_groups: noise-level groups of the heads.
@@ -78,8 +92,10 @@ class FDistillConfig:
     gan_loss: str = "nonsat"
     r1_weight: float = 0.0
     r1_noise: float = 0.1
+    r1_perturb: str = "noised"
     num_time_bins: int = 10
     bin_ema: float = 0.0
+    time_bin_coordinate: str = "karras_index"
     logit_clip: float = 10.0
     ratio_range: tuple[float, float] = (0.1, 20.0)
     sigma_min: float = 0.002
@@ -90,6 +106,7 @@ class FDistillConfig:
     disc_t_range: tuple[float, float] = (0.0, 1.0)
     student_sigmas: tuple[float, ...] = (80.0,)
     extractor: str = "teacher"
+    head_form: str = "jaxdiff"
     num_heads: int = 1
     head_kinds: tuple[str, ...] = ("global_cond",)
     num_groups: int = 1
@@ -99,8 +116,15 @@ class FDistillConfig:
 
     def validate(self) -> None:
         """Raises ValueError naming the bad field and its fix."""
-        if self.extractor not in EXTRACTORS:
-            raise ValueError(f"extractor={self.extractor!r}: choose one of {EXTRACTORS}")
+        choices = (
+            ("extractor", EXTRACTORS),
+            ("r1_perturb", R1_PERTURBS),
+            ("time_bin_coordinate", TIME_BIN_COORDINATES),
+            ("head_form", HEAD_FORMS),
+        )
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {allowed}")
         if self.gan_weight <= 0 and self.divergence not in ("rkl", "dmd2"):
             raise ValueError(
                 f"divergence={self.divergence!r} takes its density ratio from the "
@@ -138,7 +162,7 @@ class DistillState:
     """Everything a distillation run carries; the teacher's params are passed separately.
 
     Attributes:
-        step: critic + generator iterations done.
+        step: critic + generator updates done (one per step call).
         gen: the generator's params, EMA and optax state.
         fake: the fake score's params and optax state.
         disc: the discriminator pool's stacked params and optax state.
@@ -152,14 +176,49 @@ class DistillState:
     bin_means: jax.Array
 
 
-def is_generator_step(step: int, critic_steps: int) -> bool:
-    """Two time-scale rule: every ``critic_steps + 1``-th iteration updates the generator.
+def _check_schedule(critic_steps: int, schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: choose one of {SCHEDULES}")
+    if critic_steps < (1 if schedule == "dmd2" else 0):
+        raise ValueError(
+            f"critic_steps={critic_steps} with schedule={schedule!r}: need >= "
+            f"{1 if schedule == 'dmd2' else 0}"
+        )
 
-    Iterations ``0..critic_steps-1`` of each cycle update the fake score and the
-    discriminator, the last one the generator (DMD2's ``dfake_gen_update_ratio`` is
-    ``critic_steps + 1``).
+
+def iteration_updates(step: int, critic_steps: int, schedule: str = "alternate") -> tuple[str, ...]:
+    """The updates of iteration ``step`` (0-based), in order: ``"generator"``, ``"critic"``.
+
+    Both schedules make ``critic_steps`` critic updates (fake score and discriminator) per
+    generator update:
+
+    * ``"alternate"`` (jaxdiff's default; FastGen's, whose ``student_update_freq`` is
+      ``critic_steps + 1``): a cycle of ``critic_steps + 1`` iterations, the first
+      ``critic_steps`` update the critic, the last one the generator only;
+    * ``"dmd2"`` (DMD2's ``train_edm.py``, whose ``dfake_gen_update_ratio`` is
+      ``critic_steps``): every iteration updates the critic, and every
+      ``critic_steps``-th (``step % critic_steps == 0``) first updates the generator.
+
+    Raises:
+        ValueError: for an unknown schedule or too few ``critic_steps``.
     """
-    return step % (critic_steps + 1) == critic_steps
+    _check_schedule(critic_steps, schedule)
+    if schedule == "dmd2":
+        return ("generator", "critic") if step % critic_steps == 0 else ("critic",)
+    return ("generator",) if step % (critic_steps + 1) == critic_steps else ("critic",)
+
+
+def generator_updates_before(step: int, critic_steps: int, schedule: str = "alternate") -> int:
+    """Generator updates made by iterations ``0..step-1`` under :func:`iteration_updates`."""
+    _check_schedule(critic_steps, schedule)
+    if schedule == "dmd2":
+        return -(-step // critic_steps)
+    return step // (critic_steps + 1)
+
+
+def is_generator_step(step: int, critic_steps: int, schedule: str = "alternate") -> bool:
+    """Whether iteration ``step`` updates the generator (:func:`iteration_updates`)."""
+    return "generator" in iteration_updates(step, critic_steps, schedule)
 
 
 def init_distill_state(
@@ -170,10 +229,15 @@ def init_distill_state(
     cfg: FDistillConfig,
     ema_rates: tuple[float, ...] = (),
 ) -> DistillState:
-    """Builds the initial state; the three param trees are copied (no aliasing)."""
+    """Builds the initial state; the three param trees are copied (no aliasing).
+
+    ``txs[2]`` is the optimizer of one discriminator head; the pool runs it per head
+    (:func:`jaxdiff.distill.pool.per_head`).
+    """
     from jaxdiff.training.state import create_train_state
 
     tx_gen, tx_fake, tx_disc = txs
+    tx_disc = pool_lib.per_head(tx_disc)
     copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731
     return DistillState(
         step=jnp.zeros((), jnp.int32),
@@ -196,9 +260,11 @@ def make_steps(
     Each is ``step(state, teacher_params, batch, key, num_active) -> (state, metrics)``;
     ``key`` is the run's base key (the step is folded in), ``num_active`` the steps of
     bottom-up refinement in use (see :func:`jaxdiff.distill.few_step.active_steps`).
+    ``txs[2]`` is one head's optimizer, run per head as in :func:`init_distill_state`.
     """
     cfg.validate()
     tx_gen, tx_fake, tx_disc = txs
+    tx_disc = pool_lib.per_head(tx_disc)
     n_heads = nets.pool_spec.num_heads
 
     def gen_step(state: DistillState, teacher_params, batch, key, num_active):
@@ -269,15 +335,21 @@ def distill_state_shardings(
     """Shardings of a DistillState.
 
     Generator and fake score follow the model's ``p_shard``; the (small) discriminator
-    pool is replicated.
+    pool and its per-head optimizer state are replicated.
     """
     rep = replicated(mesh)
-    pool_shard = jax.tree.map(lambda _: rep, abstract.disc.params)
+    replicate = lambda tree: jax.tree.map(lambda _: rep, tree)  # noqa: E731
+    disc = abstract.disc
     return DistillState(
         step=rep,
         gen=train_state_shardings(abstract.gen, p_shard, txs[0], mesh),
         fake=train_state_shardings(abstract.fake, p_shard, txs[1], mesh),
-        disc=train_state_shardings(abstract.disc, pool_shard, txs[2], mesh),
+        disc=TrainState(
+            step=rep,
+            params=replicate(disc.params),
+            ema={k: replicate(disc.params) for k in disc.ema},
+            opt_state=replicate(disc.opt_state),
+        ),
         bin_means=rep,
     )
 
@@ -304,6 +376,8 @@ def jit_steps(
 
 __all__ = [
     "EXTRACTORS",
+    "R1_PERTURBS",
+    "SCHEDULES",
     "DistillState",
     "FDistillConfig",
     "Nets",
@@ -311,8 +385,10 @@ __all__ = [
     "distill_state_shardings",
     "generate",
     "generator_loss",
+    "generator_updates_before",
     "init_distill_state",
     "is_generator_step",
+    "iteration_updates",
     "jit_steps",
     "make_steps",
     "sigma_of_t",

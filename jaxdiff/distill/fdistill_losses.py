@@ -3,13 +3,15 @@
 Generator loss (per batch, ``t`` uniform in ``gen_t_range``, ``x_t = G(z) + sigma(t) eps``)::
 
     r   = clip(exp(clip(mean_heads D(x_t), +-10)), 0.1, 20)        # fp32, no gradient
-    r  <- r / bin_mean[bin(t)]                                      # per-time-bin
+    r  <- r / bin_mean[bin(t)]            # per-time-bin (t or sigma: time_bin_coordinate)
     h   = h_f(r) / mean(h_f(r))                                     # per-batch, mean 1
     L_G = vsd_loss(G(z), x0_p(x_t), x0_q(x_t), h) + gan_weight * softplus(-D(x_t))
 
 Critic loss: ``DSM(fake on sg(G(z))) + disc_weight * [softplus(D_fake) + softplus(-D_real)]
 + r1_weight * R1``, where real images (the data the teacher learned) and generator samples
-are noised at independent ``t``.
+are noised at independent ``t``. Approximate R1 is ``mean((D(x_t) - D(x_p))^2)`` at the real
+sample's level, with ``x_p = x_t + r1_noise eps`` (``r1_perturb="noised"``) or FastGen's
+``x_p = x + r1_noise eps`` (``"clean"``: the clean real image, not re-noised).
 
 Time ``t`` in [0, 1] maps to noise by Karras' interpolation, ``t = 1`` being
 ``sigma_max`` (:func:`sigma_of_t`); f-distill samples ``t`` uniformly over Karras
@@ -27,7 +29,7 @@ from jaxdiff.distill import pool as pool_lib
 from jaxdiff.distill.features import input_features
 from jaxdiff.distill.few_step import backward_simulate
 from jaxdiff.distill.losses import dmd2_loss, r1_approx, vsd_loss
-from jaxdiff.distill.ratio import density_ratio, f_weights, time_bin_normalize
+from jaxdiff.distill.ratio import bin_coordinate, density_ratio, f_weights, time_bin_normalize
 
 if TYPE_CHECKING:
     # Annotations only: fdistill imports this module to build its steps, so a runtime
@@ -133,7 +135,12 @@ def generator_loss(
         lo=cfg.ratio_range[0],
         hi=cfg.ratio_range[1],
     )
-    r_norm, bins = time_bin_normalize(r, t, state.bin_means, ema=cfg.bin_ema)
+    coord, coord_range = bin_coordinate(
+        t, sigma, cfg.time_bin_coordinate, (cfg.sigma_min, cfg.sigma_max)
+    )
+    r_norm, bins = time_bin_normalize(
+        r, coord, state.bin_means, t_range=coord_range, ema=cfg.bin_ema
+    )
     if cfg.divergence == "dmd2":
         h = jnp.ones_like(r)
         dm = dmd2_loss(x, x0_p, x0_q)
@@ -220,7 +227,8 @@ def critic_loss(
     metrics = {"dsm_loss": dsm, "gan_d": gan_d}
     if cfg.r1_weight > 0:
         eps = jax.random.normal(k_r1, real.shape, jnp.float32)
-        xr_p = xr_t + cfg.r1_noise * eps
+        # FastGen ("clean") perturbs the real image itself and shows it at t_real as is.
+        xr_p = (xr_t if cfg.r1_perturb == "noised" else real) + cfg.r1_noise * eps
         rr, _, _ = logits(xr_t, s_r, t_r)
         rp, _, _ = logits(xr_p, s_r, t_r)
         r1 = r1_approx(rr, rp)

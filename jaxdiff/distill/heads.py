@@ -7,9 +7,18 @@ feature vectors (``[B, D]``), the noise label and the class, and returns
   logit, plus a projection term ``<embed(c), pooled features>`` when conditional;
 * local (patch) logits ``[B, P]``: every spatial position of every branch.
 
-Image branch (DMD2): Conv4x4/2 -> GroupNorm -> SiLU (+ noise-label bias) -> Conv4x4/2 ->
-GroupNorm -> SiLU -> Conv1x1. Vector branch: two SiLU MLP layers on ``[x, noise
-embedding]`` then a linear logit. Whether a head is used globally or locally, and whether
+Image branch, by ``form``:
+
+* ``"jaxdiff"`` (default; DMD2-like, for small feature maps): Conv4x4/2 "SAME" ->
+  GroupNorm -> SiLU (+ noise-label bias) -> Conv4x4/2 "SAME" -> GroupNorm -> SiLU ->
+  Conv1x1, any spatial size;
+* ``"dmd2"`` (DMD2's EDM ``cls_pred_branch`` layer for layer): Conv4x4 stride 2 padding 1
+  -> GroupNorm(32) -> SiLU -> Conv4x4 stride 4 padding 0 -> GroupNorm(32) -> SiLU ->
+  Conv1x1, no noise-label bias (the features already carry the noise level); an 8x8 map
+  gives one logit, and maps under 8x8 are refused.
+
+Vector branch (both forms): two SiLU MLP layers on ``[x, noise embedding]`` then a linear
+logit. Whether a head is used globally or locally, and whether
 its projection term is on, are *array* flags (:func:`head_logits`), so heads of every type
 share one parameter structure and can be stacked in a pool (:mod:`jaxdiff.distill.pool`).
 """
@@ -29,6 +38,10 @@ def _noise_features(noise_label: jax.Array) -> jax.Array:
     return jnp.concatenate([c, jnp.sin(c * freqs), jnp.cos(c * freqs)], axis=-1)
 
 
+HEAD_FORMS = ("jaxdiff", "dmd2")
+"""Image-branch layouts of :class:`DiscHead` (``"dmd2"`` = DMD2's ``cls_pred_branch``)."""
+
+
 def _groups(c: int) -> int:
     for g in (32, 16, 8, 4, 2):
         if c % g == 0 and c // g >= 2:
@@ -43,10 +56,40 @@ class DiscHead(nn.Module):
         width: channels (or hidden units) of each branch.
         num_classes: real classes for the projection term (0 = unconditional head; the
             null class ``num_classes`` gets its own embedding).
+        form: image-branch layout, one of :data:`HEAD_FORMS`.
     """
 
     width: int = 64
     num_classes: int = 0
+    form: str = "jaxdiff"
+
+    def _image_branch(self, f: jax.Array, nemb: jax.Array, i: int) -> jax.Array:
+        if self.form == "jaxdiff":
+            h = nn.Conv(self.width, (4, 4), strides=(2, 2), padding="SAME", name=f"b{i}_c0")(f)
+            h = nn.GroupNorm(_groups(self.width), name=f"b{i}_n0")(h)
+            h = h + nn.Dense(self.width, name=f"b{i}_t")(nemb)[:, None, None, :]
+            h = nn.silu(h)
+            h = nn.Conv(self.width, (4, 4), strides=(2, 2), padding="SAME", name=f"b{i}_c1")(h)
+            return nn.silu(nn.GroupNorm(_groups(self.width), name=f"b{i}_n1")(h))
+        if self.form != "dmd2":
+            raise ValueError(f"DiscHead form={self.form!r}: choose one of {HEAD_FORMS}")
+        if self.width % 32:
+            raise ValueError(
+                f"the 'dmd2' head form uses GroupNorm(32): width={self.width} must be a "
+                "multiple of 32 (or use form='jaxdiff')"
+            )
+        if min(f.shape[1:3]) < 8:
+            raise ValueError(
+                f"the 'dmd2' head form (Conv4x4/2 then Conv4x4/4) needs feature maps of at "
+                f"least 8x8, got {f.shape[1:3]} for branch {i}: read larger features "
+                "(feature_names) or use form='jaxdiff'"
+            )
+        # DMD2's Conv2d padding (1, then 0) and PyTorch's GroupNorm epsilon (1e-5).
+        pad1 = ((1, 1), (1, 1))
+        h = nn.Conv(self.width, (4, 4), strides=(2, 2), padding=pad1, name=f"b{i}_c0")(f)
+        h = nn.silu(nn.GroupNorm(32, epsilon=1e-5, name=f"b{i}_n0")(h))
+        h = nn.Conv(self.width, (4, 4), strides=(4, 4), padding="VALID", name=f"b{i}_c1")(h)
+        return nn.silu(nn.GroupNorm(32, epsilon=1e-5, name=f"b{i}_n1")(h))
 
     @nn.compact
     def __call__(
@@ -66,12 +109,7 @@ class DiscHead(nn.Module):
                 local.append(logit[:, None])
                 pooled = h
             else:
-                h = nn.Conv(self.width, (4, 4), strides=(2, 2), padding="SAME", name=f"b{i}_c0")(f)
-                h = nn.GroupNorm(_groups(self.width), name=f"b{i}_n0")(h)
-                h = h + nn.Dense(self.width, name=f"b{i}_t")(nemb)[:, None, None, :]
-                h = nn.silu(h)
-                h = nn.Conv(self.width, (4, 4), strides=(2, 2), padding="SAME", name=f"b{i}_c1")(h)
-                h = nn.silu(nn.GroupNorm(_groups(self.width), name=f"b{i}_n1")(h))
+                h = self._image_branch(f, nemb, i)
                 logit_map = nn.Conv(1, (1, 1), name=f"b{i}_out")(h)[..., 0]
                 pooled_logits.append(jnp.mean(logit_map, axis=(1, 2)))
                 local.append(logit_map.reshape(logit_map.shape[0], -1))
@@ -110,4 +148,4 @@ def head_logits(
     return ratio, loss_logits
 
 
-__all__ = ["DiscHead", "head_logits"]
+__all__ = ["HEAD_FORMS", "DiscHead", "head_logits"]

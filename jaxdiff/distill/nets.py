@@ -32,7 +32,7 @@ def make_unet_nets(
     Args:
         model: the teacher's UNet (also the generator's and fake score's).
         formulation: its formulation.
-        cfg: the f-distill config (extractor, pool).
+        cfg: the f-distill config (extractor, head form, pool).
         num_classes: classes (0 = unconditional); heads are conditional only if > 0.
         sample_shape: one sample's shape, e.g. ``(8, 8, 1)``.
         teacher_params_example: params (or their shapes) to trace the feature shapes.
@@ -45,7 +45,7 @@ def make_unet_nets(
     teacher = make_denoise_feats(
         model, formulation, names, guidance_scale=teacher_guidance, num_classes=num_classes
     )
-    head = DiscHead(width=head_width, num_classes=num_classes)
+    head = DiscHead(width=head_width, num_classes=num_classes, form=cfg.head_form)
     spec = make_pool_spec(cfg.num_heads, cfg.head_kinds, cfg.num_groups)
     x = jnp.zeros((2, *sample_shape), jnp.float32)
     sigma = jnp.ones((2,), jnp.float32)

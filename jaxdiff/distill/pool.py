@@ -6,10 +6,12 @@ leaf has a leading ``[num_heads]`` axis; heads are applied with ``jax.vmap``. Pe
 *conditional* (projection term), and which *noise-level group* it judges: a head only sees
 samples whose time ``t`` (in [0, 1]) falls in its group's equal-width interval.
 
-Each critic step trains a random subset of heads (:func:`choose_subset`; the others keep
-their params *and* optimizer moments, :func:`masked_apply`) and re-initialises a random
-fraction of heads together with their optimizer moments (:func:`refresh`). A pool of one
-global conditional head in one group, no subset, no refresh, is the plain DMD2 head.
+Every head has its own optimizer state, step count included (:func:`per_head`). Each
+critic step trains a random subset of heads (:func:`choose_subset`; the others keep
+their params *and* optimizer state, :func:`masked_apply`) and re-initialises a random
+fraction of heads together with their optimizer state (:func:`refresh`), so a refreshed
+head trains exactly like a new one. A pool of one global conditional head in one group,
+no subset, no refresh, is the plain DMD2 head.
 """
 
 from __future__ import annotations
@@ -114,31 +116,42 @@ def choose_subset(key: jax.Array, num_heads: int, size: int) -> jax.Array:
     return jax.random.permutation(key, num_heads)[:size]
 
 
+def per_head(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` run independently on every head of a pool (``vmap`` over the head axis).
+
+    Every leaf of the state, Adam's step ``count`` included, gets a leading ``[num_heads]``
+    axis, so each head is its own optimizer: a re-initialised head's bias correction
+    restarts (:func:`refresh`), an untrained head's count does not advance
+    (:func:`masked_apply`), and a global-norm clip bounds each head's gradient separately.
+
+    Args:
+        tx: the optimizer of *one* head.
+    """
+
+    def init(params):
+        return jax.vmap(tx.init)(params)
+
+    def update(updates, state, params=None):
+        if params is None:
+            return jax.vmap(lambda u, s: tx.update(u, s))(updates, state)
+        return jax.vmap(tx.update)(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
 def _rows(mask: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    if new.ndim == 0 or new.shape[0] != mask.shape[0]:
+        raise ValueError(
+            f"pool state leaf of shape {new.shape} has no leading axis of {mask.shape[0]} "
+            "heads: build the pool's optimizer with pool.per_head(tx)"
+        )
     m = mask.reshape(mask.shape + (1,) * (new.ndim - 1))
     return jnp.where(m, new, old)
 
 
-def _param_leaf_flags(tx: optax.GradientTransformation, opt_state: Any) -> Any:
-    return optax.tree_map_params(
-        tx,
-        lambda _: True,
-        opt_state,
-        transform_non_params=lambda v: jax.tree.map(lambda _: False, v),
-    )
-
-
-def select_rows(
-    tx: optax.GradientTransformation, mask: jax.Array, new_opt: Any, old_opt: Any
-) -> Any:
-    """Takes rows ``mask`` of every param-shaped leaf from ``new_opt``, the rest from ``old_opt``.
-
-    Non-param leaves (e.g. Adam's step count) come from ``new_opt``.
-    """
-    flags = _param_leaf_flags(tx, new_opt)
-    return jax.tree.map(
-        lambda is_p, n, o: _rows(mask, n, o) if is_p else n, flags, new_opt, old_opt
-    )
+def select_rows(mask: jax.Array, new: Any, old: Any) -> Any:
+    """Rows ``mask`` (``[H]`` bool) of every leaf from ``new``, the other rows from ``old``."""
+    return jax.tree.map(lambda n, o: _rows(mask, n, o), new, old)
 
 
 def masked_apply(
@@ -146,14 +159,22 @@ def masked_apply(
 ) -> tuple[Any, Any]:
     """One optimizer update of only the heads in ``mask`` (``[H]`` bool).
 
-    Unselected heads keep their params and their optimizer moments unchanged.
+    Unselected heads keep their params and their whole optimizer state (moments and step
+    count), as a PyTorch optimizer skips parameters without a gradient.
+
+    Args:
+        tx: the pool's optimizer, :func:`per_head` of one head's.
+        grads: gradients shaped like ``pool``.
+        opt_state: ``tx``'s state.
+        pool: stacked params.
+        mask: the heads to update.
+
+    Raises:
+        ValueError: if ``tx`` is not per-head (a state leaf lacks the head axis).
     """
     updates, new_opt = tx.update(grads, opt_state, pool)
     new_pool = optax.apply_updates(pool, updates)
-    return (
-        jax.tree.map(lambda n, o: _rows(mask, n, o), new_pool, pool),
-        select_rows(tx, mask, new_opt, opt_state),
-    )
+    return select_rows(mask, new_pool, pool), select_rows(mask, new_opt, opt_state)
 
 
 def refresh_mask(key: jax.Array, num_heads: int, fraction: float) -> jax.Array:
@@ -172,25 +193,25 @@ def refresh(
     fresh_pool: Any,
     mask: jax.Array,
 ) -> tuple[Any, Any]:
-    """Re-initialises heads ``mask``: their params from ``fresh_pool``, moments from scratch.
+    """Re-initialises heads ``mask``: params from ``fresh_pool``, optimizer state from scratch.
+
+    A refreshed head's optimizer state is exactly a fresh optimizer's (zero moments, step
+    count 0), so its next update equals a new head's first Adam step.
 
     Args:
-        tx: the pool's optimizer.
+        tx: the pool's optimizer, :func:`per_head` of one head's.
         pool: current stacked params.
         opt_state: current optimizer state.
         fresh_pool: newly initialised stacked params (e.g. from :func:`init_pool`).
         mask: ``[H]`` bool, the heads to reset.
 
     Returns:
-        ``(pool, opt_state)``; the other heads and all non-param leaves are untouched.
+        ``(pool, opt_state)``; the other heads and their states are untouched.
+
+    Raises:
+        ValueError: if ``tx`` is not per-head (a state leaf lacks the head axis).
     """
-    new_pool = jax.tree.map(lambda f, o: _rows(mask, f, o), fresh_pool, pool)
-    fresh_opt = tx.init(fresh_pool)
-    flags = _param_leaf_flags(tx, opt_state)
-    new_opt = jax.tree.map(
-        lambda is_p, f, o: _rows(mask, f, o) if is_p else o, flags, fresh_opt, opt_state
-    )
-    return new_pool, new_opt
+    return select_rows(mask, fresh_pool, pool), select_rows(mask, tx.init(fresh_pool), opt_state)
 
 
 __all__ = [
@@ -201,6 +222,7 @@ __all__ = [
     "make_pool_spec",
     "masked_apply",
     "masked_head_mean",
+    "per_head",
     "pool_logits",
     "refresh",
     "refresh_mask",

@@ -43,6 +43,36 @@ def time_bins(t: jax.Array, num_bins: int, t_range: tuple[float, float] = (0.0, 
     return jnp.clip(idx, 0, num_bins - 1)
 
 
+TIME_BIN_COORDINATES = ("karras_index", "sigma")
+"""What the per-time ratio bins split: jaxdiff's normalised Karras index ``t`` in [0, 1]
+(default) or the noise level ``sigma`` in ``[sigma_min, sigma_max]`` (FastGen's EDM form,
+whose time *is* sigma)."""
+
+
+def bin_coordinate(
+    t: jax.Array, sigma: jax.Array, coordinate: str, sigma_range: tuple[float, float]
+) -> tuple[jax.Array, tuple[float, float]]:
+    """The values and range that :func:`time_bin_normalize` splits into equal-width bins.
+
+    Args:
+        t: ``[B]`` normalised Karras indices in [0, 1].
+        sigma: ``[B]`` the noise levels of ``t``.
+        coordinate: one of :data:`TIME_BIN_COORDINATES`.
+        sigma_range: ``(sigma_min, sigma_max)`` of the time grid.
+
+    Returns:
+        ``(t, (0, 1))`` for ``"karras_index"``, ``(sigma, sigma_range)`` for ``"sigma"``.
+
+    Raises:
+        ValueError: for an unknown coordinate.
+    """
+    if coordinate == "karras_index":
+        return t, (0.0, 1.0)
+    if coordinate == "sigma":
+        return sigma, (float(sigma_range[0]), float(sigma_range[1]))
+    raise ValueError(f"time_bin_coordinate={coordinate!r}: choose one of {TIME_BIN_COORDINATES}")
+
+
 def time_bin_normalize(
     r: jax.Array,
     t: jax.Array,
@@ -56,7 +86,9 @@ def time_bin_normalize(
 
     Args:
         r: ``[B]`` ratios.
-        t: ``[B]`` times in ``t_range`` (f-distill uses normalised Karras indices).
+        t: ``[B]`` binning coordinate in ``t_range``: normalised Karras indices (jaxdiff's
+            default) or noise levels (FastGen's EDM form); :func:`bin_coordinate` gives
+            both with their range.
         bin_means: ``[num_bins]`` running per-bin means (start at ones).
         t_range: the range split into ``num_bins`` equal-width bins.
         ema: smoothing rate of the bin means (0 = this batch's means only).
@@ -86,4 +118,11 @@ def f_weights(r: jax.Array, kind: str, *, axis_name: str | None = None) -> jax.A
     return h / jnp.maximum(_pmean(jnp.mean(h), axis_name), 1e-6)
 
 
-__all__ = ["density_ratio", "f_weights", "time_bin_normalize", "time_bins"]
+__all__ = [
+    "TIME_BIN_COORDINATES",
+    "bin_coordinate",
+    "density_ratio",
+    "f_weights",
+    "time_bin_normalize",
+    "time_bins",
+]

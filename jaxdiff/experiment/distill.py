@@ -29,15 +29,20 @@ import ml_collections
 import numpy as np
 
 from jaxdiff.distill.fdistill import (
+    R1_PERTURBS,
+    SCHEDULES,
     FDistillConfig,
     distill_state_shardings,
+    generator_updates_before,
     init_distill_state,
-    is_generator_step,
+    iteration_updates,
     jit_steps,
     make_steps,
 )
 from jaxdiff.distill.few_step import active_steps, few_step_sample, student_sigmas
+from jaxdiff.distill.heads import HEAD_FORMS
 from jaxdiff.distill.nets import make_unet_nets
+from jaxdiff.distill.ratio import TIME_BIN_COORDINATES
 from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.experiment.builders import (
     RUN_KEY,
@@ -63,9 +68,34 @@ from jaxdiff.utils.rng import per_sample_keys, start_noise
 log = logging.getLogger(__name__)
 
 
+def _check_distill_choices(d: ml_collections.ConfigDict) -> None:
+    for key, allowed in (
+        ("schedule", SCHEDULES),
+        ("r1_perturb", R1_PERTURBS),
+        ("time_bin_coordinate", TIME_BIN_COORDINATES),
+        ("head_form", HEAD_FORMS),
+    ):
+        if d[key] not in allowed:
+            raise InvalidArgumentError(
+                f"config.distill.{key}={d[key]!r} is not one of {allowed}: pass "
+                f"--config.distill.{key}={allowed[0]} (or another of them)"
+            )
+    least = 1 if d.schedule == "dmd2" else 0
+    if d.critic_steps < least:
+        raise InvalidArgumentError(
+            f"config.distill.critic_steps={d.critic_steps} must be >= {least} with "
+            f"schedule={d.schedule!r}: pass --config.distill.critic_steps=4"
+        )
+
+
 def fdistill_config(config: ml_collections.ConfigDict, teacher_sample: Any) -> FDistillConfig:
-    """The :class:`FDistillConfig` of ``config.distill`` on the teacher's sigma range."""
+    """The :class:`FDistillConfig` of ``config.distill`` on the teacher's sigma range.
+
+    Raises:
+        InvalidArgumentError: for an unknown schedule, R1 form, bin coordinate or head form.
+    """
     d = config.distill
+    _check_distill_choices(d)
     sigmas = student_sigmas(
         d.student_steps, teacher_sample.sigma_min, teacher_sample.sigma_max, teacher_sample.rho
     )
@@ -75,8 +105,11 @@ def fdistill_config(config: ml_collections.ConfigDict, teacher_sample: Any) -> F
         disc_weight=d.disc_weight,
         gan_loss=d.gan_loss,
         r1_weight=d.r1_weight,
+        r1_noise=d.r1_noise,
+        r1_perturb=d.r1_perturb,
         num_time_bins=d.num_time_bins,
         bin_ema=d.bin_ema,
+        time_bin_coordinate=d.time_bin_coordinate,
         sigma_min=teacher_sample.sigma_min,
         sigma_max=teacher_sample.sigma_max,
         rho=teacher_sample.rho,
@@ -85,6 +118,7 @@ def fdistill_config(config: ml_collections.ConfigDict, teacher_sample: Any) -> F
         disc_t_range=tuple(d.disc_t_range),
         student_sigmas=tuple(float(s) for s in sigmas),
         extractor=d.extractor,
+        head_form=d.head_form,
         num_heads=d.num_heads,
         head_kinds=tuple(d.head_kinds),
         num_groups=d.num_groups,
@@ -208,11 +242,18 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pa
     batches = None  # device prefetcher, made once the data position is restored
 
     def step_fn(state, step):
+        # One loop step is one iteration of the schedule: a generator or a critic update
+        # ("alternate"), or under "dmd2" a critic update, after a generator update every
+        # critic_steps iterations (both on this iteration's batch).
         batch = next(batches)
-        gen_updates = (step - 1) // (d.critic_steps + 1)
+        gen_updates = generator_updates_before(step - 1, d.critic_steps, d.schedule)
         num_active = active_steps(gen_updates, d.refine_stage_steps, d.student_steps)
-        update = gen_step if is_generator_step(step - 1, d.critic_steps) else critic_step
-        return update(state, teacher_params, batch, key, num_active)
+        metrics = {}
+        for which in iteration_updates(step - 1, d.critic_steps, d.schedule):
+            update = gen_step if which == "generator" else critic_step
+            state, m = update(state, teacher_params, batch, key, num_active)
+            metrics.update(m)
+        return state, metrics
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(lock_workdir(workdir))

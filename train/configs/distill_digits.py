@@ -26,9 +26,13 @@ def get_config():
     d.disc_weight = 1.0  # weight of the discriminator loss in the critic loss
     d.gan_loss = "nonsat"  # or "hinge"
     d.r1_weight = 0.0  # approximate R1 gamma
+    d.r1_noise = 0.1  # approximate R1's perturbation scale
+    d.r1_perturb = "noised"  # or "clean" (FastGen: perturb the clean real image)
     d.critic_steps = 4  # fake-score + discriminator updates per generator update
+    d.schedule = "alternate"  # or "dmd2" (critic also steps on generator iterations)
     d.num_time_bins = 10
     d.bin_ema = 0.0
+    d.time_bin_coordinate = "karras_index"  # or "sigma" (FastGen's EDM bins)
     d.gen_t_range = (0.002, 0.998)  # Karras indices 2..998 of 1000
     d.fake_t_range = (0.0, 1.0)
     d.disc_t_range = (0.0, 1.0)
@@ -38,6 +42,7 @@ def get_config():
     d.extractor = "teacher"  # discriminator features: teacher, fake (DMD2) or input
     d.feature_names = ("enc0", "enc1", "mid")  # UNet features: 8x8, 4x4 and the bottleneck
     d.head_width = 32
+    d.head_form = "jaxdiff"  # or "dmd2" (DMD2's layout; needs features of 8x8 or more)
     d.num_heads = 1  # > 1: a NitroFusion pool
     d.head_kinds = ("global_cond",)  # e.g. ("global_cond", "local_cond", "local_uncond")
     d.num_groups = 1  # noise-level groups of the heads
