@@ -7,7 +7,8 @@ sampler unless flags say otherwise, and ``--vae=FILE`` decodes latent samples to
 Uses the run's stored sampler (``config.sample``: solver, steps, sigmas, guidance) unless a
 flag overrides it, and prints the sampler it used. Writes a PNG grid and an .npz of the
 samples (float32 in [-1, 1], with labels); with ``--eval=NAME`` it also prints metrics of
-the samples (e.g. ``fd_digits``, ``fid``, ``toy``). Each sample is seeded by its index, so
+the samples (e.g. ``fd_digits``, ``toy``, or ADM's table ``fid,sfid,is,prec_recall``
+with ``--ref_batch``), one JSON line and one markdown row. Each sample is seeded by its index, so
 the same seed gives the same images at any batch size or device count. ``--student=S
 --switch_step=k`` samples the hybrid of diversity distillation: this run's first k steps,
 then the distilled student S. Flags are checked before the run is restored; a bad one is
@@ -43,9 +44,34 @@ _EMA = flags.DEFINE_string(
 )
 _OUT = flags.DEFINE_string("out", None, "PNG path (default: WORKDIR/samples/grid.png).")
 _SCALE = flags.DEFINE_integer("scale", None, "Grid upscaling (default: the run's config).")
-_EVAL = flags.DEFINE_string("eval", None, "Evaluate the samples: fd_digits, fid, fd_dinov2 or toy.")
+_EVAL = flags.DEFINE_string(
+    "eval",
+    None,
+    "Evaluate the samples, comma-separated: fd_digits, fid, sfid, is, prec_recall, kid, "
+    "fd_dinov2, toy (see docs/evaluation.md).",
+)
+_SAVE_NUM = flags.DEFINE_integer(
+    "save_num",
+    None,
+    "Samples kept in host memory and written to the .npz (default: all of them; with "
+    "--eval at most 1000, since the metrics stream every sample's features anyway).",
+)
 _FID_STATS = flags.DEFINE_string("fid_stats", None, "Reference .npz (mu, sigma) for --eval=fid.")
-_WEIGHTS = flags.DEFINE_string("inception_weights", None, "FID Inception weights file.")
+_REF_BATCH = flags.DEFINE_string(
+    "ref_batch",
+    None,
+    "Reference batch in ADM's .npz layout (published, or from python -m "
+    "jaxdiff.metrics.reference_stats --evaluator=adm): sfid, prec_recall, kid (and fid).",
+)
+_WEIGHTS = flags.DEFINE_string(
+    "inception_weights", None, "FID Inception weights (default $JAXDIFF_INCEPTION_WEIGHTS)."
+)
+_FC = flags.DEFINE_string(
+    "inception_fc",
+    None,
+    "Inception logits layer for --eval=is (convert_inception --fc-out; default "
+    "$JAXDIFF_INCEPTION_FC).",
+)
 _DINOV2_STATS = flags.DEFINE_string(
     "dinov2_stats", None, "Reference .npz (mu, sigma) of DINOv2 features for --eval=fd_dinov2."
 )
@@ -86,7 +112,10 @@ def default_out(workdir: str) -> str:
     return storage.join(workdir, "samples", "grid.png")
 
 
-EVAL_NAMES = ("fd_digits", "fid", "fd_dinov2", "toy")
+EVAL_SAVE_NUM = 1000
+"""Samples written to the .npz by default with ``--eval`` (the metrics see all of them)."""
+
+EVAL_NAMES = ("fd_digits", "fid", "sfid", "is", "prec_recall", "kid", "fd_dinov2", "toy")
 """Evaluators ``--eval`` takes (comma-separated for several)."""
 
 
@@ -119,7 +148,10 @@ def metrics_table(metrics: dict[str, float], nfe: int, num: int) -> str:
 
 def _check_flags(out: str) -> None:
     """Everything that can be checked before JAX starts and the run is restored."""
-    for name, flag, low in (("num", _NUM, 1), ("batch_size", _BATCH, 1), ("seed", _SEED, 0)):
+    checks = (("num", _NUM, 1), ("batch_size", _BATCH, 1), ("seed", _SEED, 0))
+    if _SAVE_NUM.value is not None:
+        checks += (("save_num", _SAVE_NUM, 1),)
+    for name, flag, low in checks:
         if flag.value < low:
             raise app.UsageError(f"--{name} must be >= {low}, got {flag.value}")
     for name, flag in (("steps", _STEPS), ("scale", _SCALE)):
@@ -130,21 +162,21 @@ def _check_flags(out: str) -> None:
     if _SWITCH.value < 0:
         raise app.UsageError(f"--switch_step must be >= 0, got {_SWITCH.value}")
     names = eval_names()
-    if "fd_dinov2" in names and not _DINOV2_STATS.value:
-        raise app.UsageError(
-            "--eval=fd_dinov2 needs --dinov2_stats=<reference .npz from python -m "
-            "jaxdiff.metrics.reference_stats --evaluator=fd_dinov2>"
-        )
-    if "fid" in names and not _FID_STATS.value:
-        raise app.UsageError("--eval=fid needs --fid_stats=<reference .npz with mu and sigma>")
+    from jaxdiff.experiment.evaluate import eval_request_problem
+
     files = (
         ("fid_stats", _FID_STATS),
+        ("ref_batch", _REF_BATCH),
         ("inception_weights", _WEIGHTS),
+        ("inception_fc", _FC),
         ("dinov2_stats", _DINOV2_STATS),
         ("dinov2_weights", _DINOV2),
-        ("vae", _VAE),
     )
-    for name, flag in files:
+    if names:
+        problem = eval_request_problem(names, **{k: flag.value for k, flag in files})
+        if problem:
+            raise app.UsageError(f"--eval={_EVAL.value}: {problem}")
+    for name, flag in (*files, ("vae", _VAE)):
         if flag.value and not storage.isfile(flag.value):
             raise app.UsageError(f"--{name}={flag.value} does not exist")
     if not out.lower().endswith(".png") or storage.isdir(out):
@@ -203,18 +235,25 @@ def _sample(run, mesh, out: str) -> None:
     labels = ex.parse_labels(_LABELS.value, _NUM.value, run.num_classes)
     common = dict(num=_NUM.value, labels=labels, seed=_SEED.value, batch_size=_BATCH.value)
     metrics, extra = None, {}
-    fid = {"reference_stats": _FID_STATS.value, "inception_weights": _WEIGHTS.value}
-    dinov2 = {"reference_stats": _DINOV2_STATS.value, "dinov2_weights": _DINOV2.value}
-    options = {"fid": fid, "fd_dinov2": dinov2}
     names = eval_names()
-    if len(names) == 1 and not _STUDENT.value:  # features fused into the sharded sampler
+    options = ex.evaluator_options(
+        fid_stats=_FID_STATS.value,
+        ref_batch=_REF_BATCH.value,
+        inception_weights=_WEIGHTS.value,
+        inception_fc=_FC.value,
+        dinov2_stats=_DINOV2_STATS.value,
+        dinov2_weights=_DINOV2.value,
+    )
+    cond = labels if run.num_classes else None
+    keep = _SAVE_NUM.value or (min(_NUM.value, EVAL_SAVE_NUM) if names else _NUM.value)
+    if names and not _STUDENT.value:  # every feature network fused into the sharded sampler
         result = ex.sample_and_evaluate(
-            run, names[0], _NUM.value, _SEED.value, spec=spec,
-            labels=labels if run.num_classes else None, batch_size=_BATCH.value,
-            evaluator_options=options.get(names[0]), return_samples=True, vae=vae,
+            run, names, _NUM.value, _SEED.value, spec=spec, labels=cond,
+            batch_size=_BATCH.value, evaluator_options=options, return_samples=keep,
+            vae=vae, progress=True,
         )  # fmt: skip
         samples, nfe, metrics = result.samples, result.nfe, result.metrics
-    else:  # sample once, then every evaluator on the same samples
+    else:  # sample, then evaluate the samples on the host
         if _STUDENT.value:
             student = ex.load_run(_STUDENT.value, mesh=mesh)
             samples, nfe = ex.hybrid_generate_samples(
@@ -225,18 +264,17 @@ def _sample(run, mesh, out: str) -> None:
         if vae is not None:
             extra["latents"], samples = samples, vae.decode(samples)
         if names:
-            from jaxdiff.metrics import evaluate_samples
-
-            metrics = {}
-            for name in names:
-                cond = labels if run.num_classes else None
-                metrics.update(evaluate_samples(name, samples, cond, **options.get(name, {})))
+            dataset = run.config.data.name if "data" in run.config else None
+            evaluator = ex.build_evaluator(names, dataset=dataset, options=options)
+            metrics = evaluator(samples, cond)
     if metrics is not None:
         print(json.dumps({"eval": ",".join(names), "num": _NUM.value, "nfe": nfe, **metrics}))
         print(metrics_table(metrics, nfe, _NUM.value))
+    samples = samples[:keep]
     grid = render_points(samples)[None] if samples.ndim == 2 else samples[:400]
     save_image_grid(out, grid, scale=_SCALE.value or run.config.sample.grid_scale)
-    storage.save_npz(out[: -len(".png")] + ".npz", samples=samples, labels=labels, **extra)
+    extra = {k: v[:keep] for k, v in extra.items()}
+    storage.save_npz(out[: -len(".png")] + ".npz", samples=samples, labels=labels[:keep], **extra)
     print(f"wrote {len(samples)} samples ({nfe} network evaluations each) to {out}")
 
 

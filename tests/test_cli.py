@@ -148,6 +148,7 @@ def test_sample_cli_eval_prints_metrics(trained, tmp_path):
         "--num=24",
         "--batch_size=8",
         "--eval=fd_digits",
+        "--save_num=5",
         f"--out={tmp_path / 'g.png'}",
     )
     assert res.returncode == 0, res.stderr[-2000:]
@@ -158,6 +159,8 @@ def test_sample_cli_eval_prints_metrics(trained, tmp_path):
     assert scores["num"] == 24 and scores["nfe"] == 10
     for key in ("fd_digits", "precision", "recall", "class_accuracy"):
         assert np.isfinite(scores[key]), key
+    saved = np.load(tmp_path / "g.npz")  # all 24 evaluated, the first 5 kept
+    assert saved["samples"].shape[0] == 5 and saved["labels"].tolist() == [0, 1, 2, 3, 4]
 
 
 @pytest.fixture(scope="module")

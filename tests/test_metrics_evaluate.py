@@ -85,4 +85,13 @@ def test_toy_evaluator_on_true_samples_and_a_shifted_set():
 def test_unknown_evaluator_lists_the_known_ones():
     with pytest.raises(ValueError, match="fd_digits"):
         get_evaluator("inception_score")
-    assert EVALUATORS == ("fd_digits", "fid", "fd_dinov2", "toy")
+    assert EVALUATORS == (
+        "fd_digits",
+        "fid",
+        "sfid",
+        "is",
+        "prec_recall",
+        "kid",
+        "fd_dinov2",
+        "toy",
+    )

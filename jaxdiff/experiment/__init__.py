@@ -22,7 +22,7 @@ from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.experiment.builders import PRECISIONS, Precision, build_precision
 from jaxdiff.experiment.classifier import train_classifier, train_digits_classifier
 from jaxdiff.experiment.distill import distill_and_evaluate
-from jaxdiff.experiment.evaluate import build_evaluator, sample_and_evaluate
+from jaxdiff.experiment.evaluate import build_evaluator, evaluator_options, sample_and_evaluate
 from jaxdiff.experiment.generation import (
     generate_fn,
     generate_samples,
@@ -79,6 +79,7 @@ __all__ = [
     "SamplerSpec",
     "TrainedModel",
     "build_evaluator",
+    "evaluator_options",
     "build_experiment",
     "build_precision",
     "build_train_step",

@@ -196,9 +196,13 @@ def check_loop_config(config: ml_collections.ConfigDict) -> None:
     _require(sc.grid_scale >= 1, "sample.grid_scale", sc.grid_scale, ">= 1")
     ec = config.get("eval")
     if ec is not None and ec.name:
-        from jaxdiff.metrics import EVALUATORS
+        from jaxdiff.experiment.evaluate import EVAL_FILE_OPTIONS, eval_request_problem
 
-        _require(ec.name in EVALUATORS, "eval.name", ec.name, f"one of {list(EVALUATORS)}")
+        names = [n.strip() for n in ec.name.split(",")]
+        files = {k: ec.get(k) for k in EVAL_FILE_OPTIONS if k in ec}
+        problem = eval_request_problem(names, "config.eval.{}", **files)
+        if problem:
+            raise InvalidArgumentError(f"config.eval.name={ec.name!r}: {problem}")
         _require(ec.every >= 0, "eval.every", ec.every, ">= 0")
         _require(ec.num >= 2, "eval.num", ec.num, ">= 2")
         _require(ec.batch_size >= 1, "eval.batch_size", ec.batch_size, ">= 1")

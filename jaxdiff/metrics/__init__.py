@@ -19,13 +19,13 @@ from jaxdiff.metrics.classifier import (
 from jaxdiff.metrics.dinov2 import DINOv2ViT, dinov2_features, load_dinov2_params
 from jaxdiff.metrics.evaluate import (
     EVALUATORS,
-    INCEPTION_FEATURE,
     SampleEvalResult,
     evaluate_samples,
     get_evaluator,
+    get_evaluators,
     make_sample_and_evaluate_fn,
 )
-from jaxdiff.metrics.evaluator import Evaluator
+from jaxdiff.metrics.evaluator import Evaluator, FeatureAccumulator, combine, feature_moments
 from jaxdiff.metrics.fd_digits import class_accuracy, fd_digits
 from jaxdiff.metrics.frechet import (
     feature_statistics,
@@ -40,6 +40,12 @@ from jaxdiff.metrics.inception import (
     InceptionWeightsNotFoundError,
     inception_features,
     load_inception_variables,
+)
+from jaxdiff.metrics.inception_eval import (
+    INCEPTION_FC_ENV,
+    INCEPTION_FEATURE,
+    INCEPTION_METRICS,
+    inception_evaluator,
 )
 from jaxdiff.metrics.inception_heads import (
     inception_logits,
@@ -66,6 +72,13 @@ __all__ = [
     "CLASSIFIER_PATH",
     "CLASSIFIER_SHA256",
     "EVALUATORS",
+    "INCEPTION_FC_ENV",
+    "INCEPTION_METRICS",
+    "FeatureAccumulator",
+    "combine",
+    "feature_moments",
+    "get_evaluators",
+    "inception_evaluator",
     "FORMAT_VERSION",
     "INCEPTION_FEATURE",
     "INCEPTION_SHA256",

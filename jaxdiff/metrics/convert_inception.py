@@ -5,7 +5,8 @@ jaxdiff dependency)::
 
     # 1. the standard FID weights (TF's 2015-12-05 Inception, ported by pytorch-fid)
     curl -LO https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
-    # 2. convert (prints the SHA-256; also written to fid_inception.npz.sha256)
+    # 2. convert (checks the source's SHA-256 against the 6726825d in its published name;
+    #    prints the output's SHA-256, also written to fid_inception.npz.sha256)
     pip install torch
     python -m jaxdiff.metrics.convert_inception \
         --pth=pt_inception-2015-12-05-6726825d.pth --out=fid_inception.npz
@@ -42,8 +43,12 @@ from typing import Any
 import numpy as np
 
 from jaxdiff.metrics.inception_heads import save_inception_fc
-from jaxdiff.metrics.inception_weights import PTH_FILENAME, save_inception_variables
-from jaxdiff.metrics.weights import file_sha256
+from jaxdiff.metrics.inception_weights import (
+    PTH_FILENAME,
+    PTH_SHA256_PREFIX,
+    save_inception_variables,
+)
+from jaxdiff.metrics.weights import ChecksumMismatchError, file_sha256
 from jaxdiff.utils import storage
 from jaxdiff.utils.trees import unflatten_tree
 
@@ -113,20 +118,43 @@ def convert_fc(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {"kernel": np.ascontiguousarray(arr("fc.weight").T), "bias": arr("fc.bias")}
 
 
-def convert(pth: str, out: str, fc_out: str | None = None) -> str:
+def check_source(pth: str) -> str:
+    """The source's SHA-256, checked against the published file's prefix ``6726825d``.
+
+    Raises:
+      ChecksumMismatchError: If it does not start with :data:`PTH_SHA256_PREFIX`, naming
+        the file, both hashes and the fix.
+    """
+    digest = file_sha256(pth)
+    if not digest.startswith(PTH_SHA256_PREFIX):
+        raise ChecksumMismatchError(
+            f"{pth!r} has SHA-256 {digest}, but pytorch-fid's published {PTH_FILENAME} "
+            f"starts with {PTH_SHA256_PREFIX}: it is corrupt, truncated or another network. "
+            "Download it again; to convert other weights on purpose, pass --any-source."
+        )
+    return digest
+
+
+def convert(pth: str, out: str, fc_out: str | None = None, *, any_source: bool = False) -> str:
     """Reads the ``.pth`` with torch, converts it and writes ``out`` (+ ``out.sha256``).
 
     Args:
       pth: Path of ``pt_inception-2015-12-05-6726825d.pth`` (local or a bucket URL).
       out: Output ``.npz`` path (local or a bucket URL).
       fc_out: If given, also write the logits layer there (+ ``.sha256``).
+      any_source: Skip :func:`check_source` (other weights of the same architecture, e.g.
+        random ones for a test).
 
     Returns:
       The SHA-256 of the pool3 weights file.
 
     Raises:
       ImportError: If torch is not installed (with the install command).
+      ChecksumMismatchError: If the source is not the published file (see
+        :func:`check_source`).
     """
+    if not any_source:
+        check_source(pth)
     try:
         import torch  # noqa: PLC0415 - optional, converter-only dependency
     except ImportError as err:
@@ -147,9 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pth", required=True, help="pt_inception-2015-12-05-6726825d.pth")
     parser.add_argument("--out", required=True, help="output .npz")
     parser.add_argument("--fc-out", default=None, help="also write the logits layer here")
+    parser.add_argument(
+        "--any-source",
+        action="store_true",
+        help=f"convert a .pth whose SHA-256 does not start with {PTH_SHA256_PREFIX}",
+    )
     args = parser.parse_args(argv)
     print(f"source {args.pth}: SHA-256 {file_sha256(args.pth)}")
-    digest = convert(args.pth, args.out, args.fc_out)
+    digest = convert(args.pth, args.out, args.fc_out, any_source=args.any_source)
     if args.fc_out is not None:
         fc_out = storage.to_str(args.fc_out)
         print(f"wrote {fc_out}, SHA-256 {file_sha256(fc_out)} (also in {fc_out}.sha256)")

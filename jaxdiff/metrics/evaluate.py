@@ -16,11 +16,23 @@ name           metrics                                                          
                ``coverage``, ``class_accuracy`` (with labels)                   (shipped)
 ``fid``        ``fid`` (Inception pool3 vs reference ``mu``/``sigma``)          weights +
                                                                                  stats file
+``sfid``       ``sfid`` (ADM's spatial features)                                weights +
+                                                                                 ADM batch
+``is``         ``inception_score`` (ADM's splits of 5000)                       weights +
+                                                                                 logits
+``prec_recall`` ``precision``, ``recall`` (k = 3, vs the reference images)      weights +
+                                                                                 ADM batch
+``kid``        ``kid``, ``kid_std``                                             weights +
+                                                                                 ADM batch
 ``fd_dinov2``  ``fd_dinov2`` (DINOv2 CLS features, EDM2's preprocessing)        weights +
                                                                                  stats file
 ``toy``        ``nll`` (exact), ``support_fraction`` (checkerboard), ``swd``,   dataset
                ``mmd`` vs the toy's ``"test"`` split                            name
 =============  ===============================================================  ========
+
+The five Inception metrics share one network pass (:mod:`jaxdiff.metrics.inception_eval`);
+:func:`get_evaluators` builds any list of names as one evaluator, e.g. the ADM table
+``["fid", "sfid", "is", "prec_recall"]``.
 
 Entry points (metrics take samples, or a ``generate(params, labels, keys)`` callable;
 they never build a model or a sampler themselves):
@@ -45,7 +57,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -57,33 +69,20 @@ from jaxdiff.data import get_dataset
 from jaxdiff.metrics import fd_digits as fdd
 from jaxdiff.metrics import toy
 from jaxdiff.metrics.classifier import DigitsClassifier, load_classifier
-from jaxdiff.metrics.evaluator import Evaluator, Features
+from jaxdiff.metrics.evaluator import Evaluator, Features, combine
 from jaxdiff.metrics.fd_dinov2 import fd_dinov2_evaluator
-from jaxdiff.metrics.frechet import feature_statistics, frechet_distance
-from jaxdiff.metrics.inception import inception_features, load_inception_variables
+from jaxdiff.metrics.inception_eval import (
+    INCEPTION_METRICS,
+    fid_evaluator,
+    inception_evaluator,
+)
 from jaxdiff.metrics.statistics import ReferenceStatistics
-from jaxdiff.parallel import make_sharded_generate
+from jaxdiff.parallel import is_main_process, make_sharded_generate
 
-EVALUATORS = ("fd_digits", "fid", "fd_dinov2", "toy")
-"""Names accepted by :func:`get_evaluator`."""
-
-INCEPTION_FEATURE = "inception_v3_pool3"
-"""Feature-space name of FID statistics (the 2048-d pool3 of the FID Inception)."""
-INCEPTION_DIM = 2048
+EVALUATORS = ("fd_digits", "fid", "sfid", "is", "prec_recall", "kid", "fd_dinov2", "toy")
+"""Names accepted by :func:`get_evaluator` and :func:`get_evaluators`."""
 
 _MAKE_STATS = "python -m jaxdiff.metrics.reference_stats --dataset=NAME --evaluator={} --out=FILE"
-
-
-@functools.lru_cache(maxsize=4)
-def inception_feature_fn(input_range: str, quantize: bool) -> Callable:
-    """The FID evaluator's ``feature_fn``: ``{"features": pool3 [B, 2048]}`` (cached)."""
-
-    def feature_fn(variables, x):
-        return {
-            "features": inception_features(variables, x, input_range=input_range, quantize=quantize)
-        }
-
-    return feature_fn
 
 
 @functools.lru_cache(maxsize=4)
@@ -142,52 +141,6 @@ def fd_digits_evaluator(
         )
 
     return Evaluator("fd_digits", clf.params, feature_fn, reduce_fn, feature_name=clf.feature_name)
-
-
-def fid_evaluator(
-    *,
-    reference_stats: str | os.PathLike | None = None,
-    inception_weights: str | os.PathLike | None = None,
-    expected_sha256: Any = None,
-    input_range: str = "minus_one_one",
-    quantize: bool = True,
-    batch_size: int = 50,
-) -> Evaluator:
-    """FID against reference statistics, with the FID Inception network.
-
-    Args:
-      reference_stats: Statistics file of the reference set's pool3 features (local or a
-        bucket URL): from ``python -m jaxdiff.metrics.reference_stats --evaluator=fid``,
-        :func:`~jaxdiff.metrics.streaming.save_reference_statistics`, pytorch-fid or EDM.
-      inception_weights: Converted weights; None reads ``$JAXDIFF_INCEPTION_WEIGHTS``.
-      expected_sha256: Passed to :func:`load_inception_variables` (None = its default).
-      input_range: ``"minus_one_one"`` (jaxdiff samples) or ``"uint8"``.
-      quantize: Quantise [-1, 1] samples to 8 bits first (as saved images are).
-      batch_size: Images per Inception batch on the host path.
-
-    Raises:
-      InceptionWeightsNotFoundError: Without weights, saying how to make them.
-      ValueError: Without ``reference_stats``, or with statistics of another feature
-        space, saying how to make them.
-    """
-    kw = {} if expected_sha256 is None else {"expected_sha256": expected_sha256}
-    variables = load_inception_variables(inception_weights, **kw)
-    hint = (
-        f"make them with `{_MAKE_STATS.format('fid')}` (or save_reference_statistics('fid', "
-        "real_images, path)); pytorch-fid `--save-stats` and EDM reference files work too"
-    )
-    if reference_stats is None:
-        raise ValueError(f"FID needs reference statistics: pass reference_stats=<.npz>; {hint}")
-    stats = ReferenceStatistics.load(reference_stats)
-    stats.check_compatible(INCEPTION_FEATURE, INCEPTION_DIM, path=reference_stats, hint=hint)
-    mu_ref, sigma_ref = stats.mu, stats.sigma
-
-    def reduce_fn(f, labels):
-        del labels
-        return {"fid": frechet_distance(*feature_statistics(f["features"]), mu_ref, sigma_ref)}
-
-    feature_fn = inception_feature_fn(input_range, quantize)
-    return Evaluator("fid", variables, feature_fn, reduce_fn, batch_size, INCEPTION_FEATURE)
 
 
 def toy_evaluator(
@@ -254,9 +207,54 @@ def get_evaluator(name: str, **kwargs: Any) -> Evaluator:
         "fd_dinov2": fd_dinov2_evaluator,
         "toy": toy_evaluator,
     }
+    if name in INCEPTION_METRICS and name != "fid":
+        return inception_evaluator((name,), **kwargs)
     if name not in builders:
         raise ValueError(f"unknown evaluator {name!r}: choose one of {list(EVALUATORS)}")
     return builders[name](**kwargs)
+
+
+def get_evaluators(
+    names: str | list[str] | tuple[str, ...],
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Evaluator:
+    """Several evaluators by name as one (one feature pass; see :func:`combine`).
+
+    The Inception metrics among ``names`` become one :func:`inception_evaluator`, so
+    ``["fid", "sfid", "is", "prec_recall"]`` (ADM's table) runs the network once.
+
+    Args:
+      names: Evaluator names (a list, or one comma-separated string), each at most once.
+      options: Keyword arguments by evaluator name; ``options["inception"]`` is shared by
+        every Inception metric (``inception_weights``, ``inception_fc``, ``ref_batch``,
+        ``reference_stats``...), and ``options[name]`` adds to it.
+
+    Raises:
+      ValueError: For an unknown or repeated name, or Inception options that disagree.
+    """
+    names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    bad = [n for n in names if n not in EVALUATORS]
+    if bad or not names or len(set(names)) != len(names):
+        raise ValueError(f"evaluators must be distinct names from {list(EVALUATORS)}, got {names}")
+    options = dict(options or {})
+    built, inception = [], [n for n in names if n in INCEPTION_METRICS]
+    for name in names:
+        if name in INCEPTION_METRICS:
+            if name != inception[0]:
+                continue  # built with the first Inception metric
+            # None means "not given", so a shared default never clashes with a value.
+            kwargs = {k: v for k, v in options.get("inception", {}).items() if v is not None}
+            for metric in inception:
+                for key, value in options.get(metric, {}).items():
+                    if value is not None and kwargs.setdefault(key, value) != value:
+                        raise ValueError(
+                            f"Inception metrics disagree on {key}={value!r} vs "
+                            f"{kwargs[key]!r}: pass it once, as options['inception']"
+                        )
+            built.append(inception_evaluator(tuple(inception), **kwargs))
+        else:
+            built.append(get_evaluator(name, **options.get(name, {})))
+    return combine(built)
 
 
 def evaluate_samples(
@@ -279,6 +277,15 @@ def evaluate_samples(
     return evaluator(samples, labels)
 
 
+def progress_bar(total: int, show: bool, desc: str, unit: str) -> Any:
+    """A tqdm bar on process 0 when ``show``; hidden when stderr is not a terminal."""
+    from tqdm.auto import tqdm
+
+    # disable=None hides the bar when stderr is not a terminal (logs, CI, tests).
+    visible = show and is_main_process()
+    return tqdm(total=total, unit=unit, desc=desc, disable=None if visible else True)
+
+
 @dataclasses.dataclass
 class SampleEvalResult:
     """What a sample-and-evaluate run returns.
@@ -288,7 +295,8 @@ class SampleEvalResult:
       samples: ``[num, ...]`` float32 samples if requested, else None.
       labels: ``[num]`` conditioning labels (None for an unconditional model).
       nfe: Network evaluations per sample.
-      features: The evaluator's per-sample outputs (``{name: [num, ...]}``), e.g. for
+      features: The evaluator's per-sample outputs (``{name: [num, ...]}``; its
+        ``moments`` as running statistics), e.g. for
         ``evaluator.statistics(result.features).save(path)``.
     """
 
@@ -329,7 +337,11 @@ def make_sample_and_evaluate_fn(
       param_shardings: Shardings of the model params on ``mesh``; default replicated.
 
     Returns:
-      ``fn(params, seed, return_samples=False) -> SampleEvalResult``.
+      ``fn(params, seed, return_samples=False, progress=False) -> SampleEvalResult``
+      (``return_samples``: True, or the number of first samples to return):
+      features reach the evaluator batch by batch (``moments`` as float64 running
+      statistics, never all rows); ``progress=True`` shows a bar of samples done
+      (process 0, on a terminal).
     """
     if num < 2:
         raise ValueError(f"num must be >= 2 to evaluate, got {num}")
@@ -345,9 +357,20 @@ def make_sample_and_evaluate_fn(
         extra_params=evaluator.feature_params,
     )
 
-    def fn(params: Any, seed: int, return_samples: bool = False) -> SampleEvalResult:
-        out = run(params, seed, keep_samples=return_samples)
-        metrics = evaluator.reduce_fn(out.extras, lab)
-        return SampleEvalResult(metrics, out.samples, lab, out.nfe, out.extras)
+    def fn(
+        params: Any, seed: int, return_samples: bool | int = False, progress: bool = False
+    ) -> SampleEvalResult:
+        acc = evaluator.accumulator()
+        bar = progress_bar(num, progress, f"sampling for {evaluator.name}", "sample")
+        try:
+            out = run(
+                params, seed, keep_samples=return_samples, on_extras=acc.update,
+                progress=lambda done: bar.update(done - bar.n),
+            )  # fmt: skip
+        finally:
+            bar.close()
+        features = acc.result()
+        metrics = evaluator.reduce_fn(features, lab)
+        return SampleEvalResult(metrics, out.samples, lab, out.nfe, features)
 
     return fn

@@ -15,8 +15,8 @@ from typing import Any
 import jax
 
 from jaxdiff.metrics.dinov2 import dinov2_features, load_dinov2_params
-from jaxdiff.metrics.evaluator import Evaluator
-from jaxdiff.metrics.frechet import feature_statistics, frechet_distance
+from jaxdiff.metrics.evaluator import Evaluator, feature_moments
+from jaxdiff.metrics.frechet import frechet_distance
 from jaxdiff.metrics.statistics import ReferenceStatistics
 
 DINOV2_WEIGHTS_ENV = "JAXDIFF_DINOV2_WEIGHTS"
@@ -79,11 +79,11 @@ def fd_dinov2_evaluator(
 
     def reduce_fn(f, labels):
         del labels
-        mu, sigma = feature_statistics(f["features"])
+        mu, sigma = feature_moments(f["features"])
         return {"fd_dinov2": frechet_distance(mu, sigma, mu_ref, sigma_ref)}
 
     feature_fn = dinov2_feature_fn(config, input_range, quantize)
-    return Evaluator("fd_dinov2", params, feature_fn, reduce_fn, batch_size, name)
+    return Evaluator("fd_dinov2", params, feature_fn, reduce_fn, batch_size, name, ("features",))
 
 
 def load_dinov2_weights(path: str | os.PathLike | None) -> tuple[Any, Any]:

@@ -38,6 +38,14 @@ hash here; until then pass ``expected_sha256=`` to pin it yourself.
 """
 
 PTH_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+PTH_SHA256_PREFIX = "6726825d"
+"""First 8 hex digits of the SHA-256 of pytorch-fid's published ``.pth``.
+
+The file is published under torch.hub's naming convention, ``<name>-<prefix>.pth``, where
+the prefix is the start of the file's SHA-256 (what ``torch.hub``'s ``check_hash=True``
+verifies). ``convert_inception`` checks the source file against it. The full 64-digit
+hash is not pinned: the file could not be downloaded where this code was written.
+"""
 PTH_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + PTH_FILENAME
 
 _DEFAULT = object()

@@ -6,6 +6,12 @@ Examples::
     python -m jaxdiff.metrics.reference_stats --dataset=digits --evaluator=fd_digits \
         --out=stats/digits_train.npz
 
+    # An ADM-layout reference batch (10 000 images + pool3 and sFID statistics): the
+    # reference of the full table, python -m sample --eval=fid,sfid,is,prec_recall
+    python -m jaxdiff.metrics.reference_stats --dataset=imagefolder --path=gs://b/val \
+        --image_size=256 --evaluator=adm --inception_weights=fid_inception.npz \
+        --out=gs://b/ref/val256_adm.npz
+
     # FID statistics of CIFAR-10, read from a bucket, written to a bucket
     python -m jaxdiff.metrics.reference_stats --dataset=cifar10 --data_dir=gs://b/tfds \
         --evaluator=fid --inception_weights=gs://b/fid_inception.npz \
@@ -32,13 +38,21 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Side image folders are c
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared TFDS data folder (local or gs://).")
 _SPLIT = flags.DEFINE_string("split", "train", "Split to describe.")
 _EVALUATOR = flags.DEFINE_enum(
-    "evaluator", None, ["fid", "fd_digits", "fd_dinov2"], "Evaluator whose features to describe."
+    "evaluator",
+    None,
+    ["fid", "fd_digits", "fd_dinov2", "adm"],
+    "Evaluator whose features to describe; adm writes an ADM reference batch (images + "
+    "pool3 and spatial statistics) for sfid, prec_recall and kid.",
 )
 _OUT = flags.DEFINE_string("out", None, "Output .npz (local or gs://).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images per feature batch (over all devices).")
-_NUM = flags.DEFINE_integer("num", None, "Use only the first NUM examples (default: all).")
+_NUM = flags.DEFINE_integer(
+    "num", None, "Use only the first NUM examples (default: all; adm: 10000 as ADM's batches)."
+)
 _INCEPTION = flags.DEFINE_string(
-    "inception_weights", None, "fid: converted Inception .npz (default $JAXDIFF_INCEPTION_WEIGHTS)."
+    "inception_weights",
+    None,
+    "fid, adm: converted Inception .npz (default $JAXDIFF_INCEPTION_WEIGHTS).",
 )
 _CLASSIFIER = flags.DEFINE_string(
     "classifier", None, "fd_digits: classifier .npz (default: the shipped one)."
@@ -61,8 +75,8 @@ def _check_flags() -> None:
         raise ValueError(f"--num={_NUM.value} must be >= 2 (a covariance needs 2 examples)")
     if _IMAGE_SIZE.value is not None and _IMAGE_SIZE.value < 1:
         raise ValueError(f"--image_size={_IMAGE_SIZE.value} must be >= 1")
-    if _EVALUATOR.value != "fid" and _INCEPTION.value:
-        raise ValueError("--inception_weights is for --evaluator=fid only: drop it")
+    if _EVALUATOR.value not in ("fid", "adm") and _INCEPTION.value:
+        raise ValueError("--inception_weights is for --evaluator=fid or adm only: drop it")
     if _EVALUATOR.value != "fd_digits" and _CLASSIFIER.value:
         raise ValueError("--classifier is for --evaluator=fd_digits only: drop it")
     if _EVALUATOR.value != "fd_dinov2" and _DINOV2.value:
@@ -80,10 +94,11 @@ def _check_images(shape: tuple[int, ...]) -> None:
             f"--evaluator=fd_digits describes 8x8 grey digits, but --dataset={_DATASET.value} "
             f"has images of shape {shape}: use --evaluator=fid for other images"
         )
-    if _EVALUATOR.value == "fid" and (len(shape) != 3 or shape[-1] != 3):
+    if _EVALUATOR.value in ("fid", "adm") and (len(shape) != 3 or shape[-1] != 3):
         raise ValueError(
-            f"--evaluator=fid needs RGB images [H, W, 3], but --dataset={_DATASET.value} has "
-            f"examples of shape {shape} (latents must be decoded to images first)"
+            f"--evaluator={_EVALUATOR.value} needs RGB images [H, W, 3], but "
+            f"--dataset={_DATASET.value} has examples of shape {shape} (latents must be "
+            "decoded to images first)"
         )
     if _EVALUATOR.value == "fd_dinov2" and (len(shape) != 3 or shape[-1] not in (1, 3)):
         raise ValueError(
@@ -121,7 +136,7 @@ def main(argv: list[str]) -> None:
     quiet_library_logs()
     # The feature network first: a missing weights file is the likelier mistake, and
     # loading it is quicker than opening a large data set.
-    if _EVALUATOR.value == "fid":
+    if _EVALUATOR.value in ("fid", "adm"):
         evaluator = feature_evaluator("fid", inception_weights=_INCEPTION.value)
     elif _EVALUATOR.value == "fd_dinov2":
         evaluator = feature_evaluator("fd_dinov2", dinov2_weights=_DINOV2.value)
@@ -135,6 +150,19 @@ def main(argv: list[str]) -> None:
         image_size=_IMAGE_SIZE.value,
     )
     _check_images(tuple(source.info.image_shape))
+    if _EVALUATOR.value == "adm":
+        from jaxdiff.metrics.adm_reference import make_adm_reference
+
+        digest = make_adm_reference(
+            source,
+            _OUT.value,
+            num=_NUM.value,
+            inception_weights=_INCEPTION.value,
+            batch_size=_BATCH.value,
+        )
+        if is_main_process():
+            print(f"wrote ADM reference batch {storage.to_str(_OUT.value)}; SHA-256 {digest}")
+        return
     stats = reference_statistics(
         source,
         evaluator,

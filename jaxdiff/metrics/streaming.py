@@ -30,14 +30,11 @@ from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
 from jaxdiff.data.sources import stack_examples
-from jaxdiff.metrics.evaluate import (
-    INCEPTION_FEATURE,
-    get_evaluator,
-    inception_feature_fn,
-)
+from jaxdiff.metrics.evaluate import get_evaluator, progress_bar
 from jaxdiff.metrics.evaluator import Evaluator, Features
 from jaxdiff.metrics.fd_dinov2 import dinov2_feature_fn, dinov2_feature_name, load_dinov2_weights
 from jaxdiff.metrics.inception import load_inception_variables
+from jaxdiff.metrics.inception_eval import INCEPTION_FEATURE, inception_feature_fn
 from jaxdiff.metrics.statistics import ReferenceStatistics, RunningStatistics
 from jaxdiff.metrics.weights import arrays_to_bytes
 from jaxdiff.parallel import (
@@ -155,13 +152,13 @@ def process_slice(
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(feature_fn: FeatureFn, key: str, mesh: Mesh) -> Callable:
+def _compiled(feature_fn: FeatureFn, keys: tuple[str, ...], mesh: Mesh) -> Callable:
     rep, b_sh = replicated(mesh), batch_sharding(mesh)
 
     def step(params, x):
         out = feature_fn(params, x)
-        feats = out[key] if isinstance(out, dict) else out
-        return feats.reshape(feats.shape[0], -1)
+        feats = [out[k] for k in keys] if isinstance(out, dict) else [out]
+        return tuple(f.reshape(f.shape[0], -1) for f in feats)
 
     return jax.jit(step, in_shardings=(rep, b_sh), out_shardings=b_sh)
 
@@ -175,9 +172,9 @@ def reference_statistics(
     num: int | None = None,
     progress: bool = True,
     feature_params: Any = None,
-    key: str = "features",
+    key: str | tuple[str, ...] = "features",
     description: str | None = None,
-) -> ReferenceStatistics:
+) -> ReferenceStatistics | dict[str, ReferenceStatistics]:
     """Streams a data source through a feature network; returns float64 ``mu``/``sigma``.
 
     Examples ``0 .. num - 1`` are read in order in global batches of ``batch_size``
@@ -200,12 +197,13 @@ def reference_statistics(
       num: Use the first ``num`` examples (None: all).
       progress: Show a progress bar (process 0, on a terminal).
       feature_params: Params of a plain ``feature_fn`` (an Evaluator has its own).
-      key: Which output of a dict-returning feature function to describe.
+      key: Which output of a dict-returning feature function to describe, or a tuple of
+        outputs to describe in the same pass (e.g. ``("features", "spatial")``).
       description: What the data is, stored as ``source`` (default from ``source.info``).
 
     Returns:
       The statistics, with ``num``, ``evaluator``, ``feature``, ``image_shape`` and
-      ``source`` filled in.
+      ``source`` filled in; for a tuple ``key``, ``{key: statistics}``.
 
     Raises:
       ValueError: For fewer than 2 examples or a batch size below 1.
@@ -231,13 +229,14 @@ def reference_statistics(
     processes, process = jax.process_count(), jax.process_index()
     multiple = int(np.lcm(mesh.shape["data"] * mesh.shape["fsdp"], processes))
     batch = -(-min(batch_size, num) // multiple) * multiple
-    step = _compiled(fn, key, mesh)
+    keys = key if isinstance(key, tuple) else (key,)
+    step = _compiled(fn, keys, mesh)
     params = put_global(params, replicated(mesh))
     b_sh = batch_sharding(mesh)
     # Padding rows need an image of the right shape and dtype; one read gives both.
     template = _read(source, np.zeros(1, np.int64))
-    acc = RunningStatistics()
-    bar = _progress_bar(num, progress and is_main_process())
+    accs = [RunningStatistics() for _ in keys]
+    bar = progress_bar(num, progress, "reference statistics", "img")
 
     def launch(start: int) -> tuple[jax.Array, jax.Array]:
         idx, local = process_slice(start, batch, num, process, processes)
@@ -250,10 +249,10 @@ def reference_statistics(
         mask = jax.make_array_from_process_local_data(b_sh, valid)
         return step(params, x), mask
 
-    def accumulate(pending: tuple[jax.Array, jax.Array]) -> None:
-        feats, mask = (to_host(a) for a in pending)
-        keep = mask.astype(bool)
-        acc.update(feats[keep])
+    def accumulate(pending: tuple[tuple[jax.Array, ...], jax.Array]) -> None:
+        keep = to_host(pending[1]).astype(bool)
+        for acc, feats in zip(accs, pending[0], strict=True):
+            acc.update(to_host(feats)[keep])
         bar.update(int(keep.sum()))
 
     pending = None
@@ -271,22 +270,20 @@ def reference_statistics(
         description = f"{info.name} split={info.split}" if info is not None else "array"
     if num < total:
         description += f" (first {num} of {total})"
-    return ReferenceStatistics.from_running(
-        acc,
+    meta_fields = dict(
         evaluator=meta.name if meta else "",
-        feature=meta.feature_name if meta else "",
         image_shape=tuple(template.shape[1:]),
         source=description,
     )
-
-
-def _progress_bar(total: int, show: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    # disable=None hides the bar when stderr is not a terminal (logs, CI, tests).
-    return tqdm(
-        total=total, unit="img", desc="reference statistics", disable=None if show else True
-    )
+    feature = meta.feature_name if meta else ""
+    if not isinstance(key, tuple):
+        return ReferenceStatistics.from_running(accs[0], feature=feature, **meta_fields)
+    return {
+        k: ReferenceStatistics.from_running(
+            acc, feature=feature if k == "features" else k, **meta_fields
+        )
+        for k, acc in zip(keys, accs, strict=True)
+    }
 
 
 def save_reference_statistics(

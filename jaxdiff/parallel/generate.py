@@ -65,9 +65,11 @@ def make_sharded_generate(
 
     Returns:
         ``run(params, seed, keep_samples=True, on_extras=None, progress=None)``
-        ``-> BatchedOutput``. ``on_extras(extras)``, if given, receives each batch's
-        ``extra_fn`` outputs on the host (padding dropped, in sample order) instead of
-        ``run`` keeping them all: a metric can reduce 50 000 feature rows as they come.
+        ``-> BatchedOutput``. ``keep_samples`` is a bool or a number: keep the first
+        that many samples on the host (e.g. for a grid while a metric sees all).
+        ``on_extras(extras)``, if given, receives each batch's ``extra_fn`` outputs on
+        the host (padding dropped, in sample order) instead of ``run`` keeping them
+        all: a metric can reduce 50 000 feature rows as they come.
         ``progress(done)``, if given, is called with the samples finished so far after
         each batch.
     """
@@ -101,19 +103,20 @@ def make_sharded_generate(
     def run(
         params: Any,
         seed: int,
-        keep_samples: bool = True,
+        keep_samples: bool | int = True,
         on_extras: Callable[[dict[str, np.ndarray]], None] | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> BatchedOutput:
         params = put_global(params, p_sh)
         seed = put_global(np.uint32(seed), rep)
+        keep = num if keep_samples is True else int(keep_samples)
         xs, extras, nfe = [], [], 0
         for i in range(num_batches):
             start = put_global(np.int32(i * batch), rep)
             x, e, n = jitted(params, extra_params, seed, label_batches[i], start)
             valid = min(batch, num - i * batch)  # the last batch's padding is dropped
-            if keep_samples:
-                xs.append(to_host(x)[:valid])
+            if i * batch < keep:
+                xs.append(to_host(x)[: min(valid, keep - i * batch)])
             host = {k: to_host(v)[:valid] for k, v in e.items()}
             if on_extras is None:
                 extras.append(host)
@@ -123,7 +126,7 @@ def make_sharded_generate(
             if progress is not None:
                 progress(i * batch + valid)
         merged = {k: np.concatenate([e[k] for e in extras]) for k in extras[0]} if extras else {}
-        samples = np.concatenate(xs) if keep_samples else None
+        samples = np.concatenate(xs) if xs else None
         return BatchedOutput(samples, merged, nfe)
 
     return run

@@ -90,12 +90,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.grid_scale = 1
 
     # In-loop evaluation: every `every` steps (0 = never), sample `num` images with the
-    # config.sample settings and the first EMA, evaluate with `name` (fd_digits, toy, fid).
+    # config.sample settings and the first EMA, evaluate with `name`: one evaluator or
+    # several, comma-separated (fd_digits, toy, fid, sfid, is, prec_recall, kid,
+    # fd_dinov2). The files are those of python -m sample's flags of the same names
+    # ("" = not given; weights default to $JAXDIFF_INCEPTION_WEIGHTS etc.).
     c.eval = ml_collections.ConfigDict()
     c.eval.name = ""
     c.eval.every = 0
     c.eval.num = 1000
     c.eval.batch_size = 500
+    c.eval.fid_stats = ""  # FID reference statistics .npz
+    c.eval.ref_batch = ""  # ADM-layout reference batch (sfid, prec_recall, kid; fid)
+    c.eval.inception_weights = ""
+    c.eval.inception_fc = ""  # logits layer, for is
+    c.eval.dinov2_stats = ""  # FD-DINOv2 reference statistics
+    c.eval.dinov2_weights = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
