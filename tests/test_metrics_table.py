@@ -222,3 +222,20 @@ def test_the_converter_checks_the_published_hash_prefix(tmp_path, monkeypatch):
 
     monkeypatch.setattr(conv, "PTH_SHA256_PREFIX", file_sha256(fake)[:8])
     assert check_source(str(fake)) == file_sha256(fake)
+
+
+def test_config_eval_files_reach_the_evaluators(files):
+    """config.eval's reference files become evaluator options; several names are one pass."""
+    from jaxdiff.experiment.evaluate import build_evaluator, eval_config_options
+    from train.configs.digits import get_config
+
+    ec = get_config().eval
+    assert eval_config_options(ec)["inception"] == {
+        "reference_stats": None, "ref_batch": None, "inception_weights": None, "inception_fc": None
+    }  # fmt: skip  # "" = not given
+    ec.ref_batch = str(files["root"] / "ref_images.npz")
+    ec.inception_weights = str(files["root"] / "w.npz")
+    options = eval_config_options(ec)
+    assert options["inception"]["ref_batch"] == ec.ref_batch
+    ev = build_evaluator("sfid,toy", dataset="toy_gmm", options=options)
+    assert ev.name == "inception+toy" and ev.moments == ("0/features", "0/spatial")
