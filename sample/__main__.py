@@ -9,10 +9,13 @@ flag overrides it, and prints the sampler it used. Writes a PNG grid and an .npz
 samples (float32 in [-1, 1], with labels); with ``--eval=NAME`` it also prints metrics of
 the samples (e.g. ``fd_digits``, ``toy``, or ADM's table ``fid,sfid,is,prec_recall``
 with ``--ref_batch``), one JSON line and one markdown row. Each sample is seeded by its index, so
-the same seed gives the same images at any batch size or device count. ``--student=S
---switch_step=k`` samples the hybrid of diversity distillation: this run's first k steps,
-then the distilled student S. Flags are checked before the run is restored; a bad one is
-one line on stderr and exit code 2 (``--debug`` shows the traceback).
+the same seed gives the same images at any batch size or device count. A distilled
+few-step student samples as it was trained (its stored ``renoise`` recipe at its trained
+levels; ``--steps=k`` takes k of them, at most K). ``--student=S --switch_step=k``
+samples the hybrid of diversity distillation: this run's first k steps, the last landing
+on one of the student's trained levels, then the distilled student S. Flags are checked
+before the run is restored; a bad one is one line on stderr and exit code 2 (``--debug``
+shows the traceback).
 """
 
 import json
@@ -28,7 +31,12 @@ _WORKDIR = flags.DEFINE_string(
 _SOLVER = flags.DEFINE_string(
     "solver", None, "euler, heun, edm_stochastic:s_churn=40, ddim:eta=1, ... (default: the run's)"
 )
-_STEPS = flags.DEFINE_integer("steps", None, "Solver steps (default: the run's config).")
+_STEPS = flags.DEFINE_integer(
+    "steps",
+    None,
+    "Solver steps (default: the run's config). A K-step distilled student samples as "
+    "trained with 1..K steps at that many of its trained levels (docs/distillation.md).",
+)
 _GUIDANCE = flags.DEFINE_string(
     "guidance", None, "NAME:key=value,... or none (default: the run's; see docs/guidance.md)."
 )
@@ -79,9 +87,14 @@ _DINOV2 = flags.DEFINE_string(
     "dinov2_weights", None, "Converted DINOv2 .safetensors (default $JAXDIFF_DINOV2_WEIGHTS)."
 )
 _STUDENT = flags.DEFINE_string(
-    "student", None, "Distilled student workdir: hybrid sampling, base first, student after."
+    "student",
+    None,
+    "Distilled student workdir: hybrid sampling, base first, then the student's own recipe "
+    "from its highest trained level at or below the base's sigmas[switch_step].",
 )
-_SWITCH = flags.DEFINE_integer("switch_step", 1, "Base-model steps before the student runs.")
+_SWITCH = flags.DEFINE_integer(
+    "switch_step", 1, "Base-model steps before the student runs (0: the student alone)."
+)
 _VAE = flags.DEFINE_string(
     "vae",
     None,

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 
 from jaxdiff.diffusion import karras_sigmas
-from jaxdiff.distill.hybrid import hybrid_sample, student_tail
-from jaxdiff.samplers import get_solver
+from jaxdiff.distill.few_step import student_sigmas
+from jaxdiff.distill.hybrid import STUDENT_KEY_TAG, hybrid_sample
+from jaxdiff.samplers import get_solver, sample
+from jaxdiff.samplers.base import step_keys
 from jaxdiff.training import Checkpointer
+from jaxdiff.utils.rng import per_sample_keys, start_noise
 
 
 def _gauss(mu, s2=0.25):
@@ -22,22 +25,33 @@ def _gauss(mu, s2=0.25):
 def test_hybrid_sampler_switches_models():
     base, student = _gauss(jnp.asarray([1.0, 0.0])), _gauss(jnp.asarray([0.0, 5.0]))
     noise = jax.random.normal(jax.random.key(0), (256, 2))
-    sigmas = karras_sigmas(6)
+    sigmas = karras_sigmas(6)  # 80, 24.4, 5.84, 0.965, 0.085, 0.002
     euler = get_solver("euler")
     # switch 0: the one-step student alone, G(sigma_max z).
     x, aux = hybrid_sample(base, student, noise, sigmas, 0, solver=euler, student_levels=[80.0])
     np.testing.assert_allclose(x, student(80.0 * noise, 80.0), atol=1e-4)
     assert int(aux["nfe"]) == 1
-    # switch 3: three base Euler steps, then one student call at sigmas[3].
-    x, aux = hybrid_sample(base, student, noise, sigmas, 3, solver=euler, student_levels=[80.0])
-    assert int(aux["nfe"]) == 4
-    from jaxdiff.samplers import sample
-
-    x3, _ = sample(base, noise, sigmas[:4], solver=euler)
-    np.testing.assert_allclose(x, student(x3, sigmas[3]), atol=1e-4)
-    np.testing.assert_allclose(student_tail(10.0, [80.0, 15.0, 2.5, 0.3]), [10.0, 2.5, 0.3, 0.0])
+    # switch 2 with a 4-step student (80, 17.5, 2.52, 0.17): two base Euler steps, the
+    # second landing on 2.52 (the highest trained level <= sigmas[2] = 5.84), then the
+    # student at 2.52 and 0.17, re-noised between them.
+    levels = student_sigmas(4)
+    key = jax.random.key(1)
+    x, aux = hybrid_sample(
+        base, student, noise, sigmas, 2, solver=euler, student_levels=levels, key=key
+    )
+    assert int(aux["nfe"]) == 2 + 2
+    x2, _ = sample(base, noise, [sigmas[0], sigmas[1], levels[2]], solver=euler)
+    tail_keys = jax.vmap(lambda k: jax.random.fold_in(k, STUDENT_KEY_TAG))(
+        per_sample_keys(key, 256)
+    )
+    eps = start_noise(step_keys(tail_keys, jnp.int32(0))[0], (2,))
+    want = student(student(x2, levels[2]) + levels[3] * eps, levels[3])
+    np.testing.assert_allclose(x, want, atol=1e-4)
     with pytest.raises(ValueError, match="switch_step"):
-        hybrid_sample(base, student, noise, sigmas, 6, solver=euler)
+        hybrid_sample(base, student, noise, sigmas, 6, solver=euler, student_levels=levels)
+    # A one-step student is trained at sigma_max only: a later hand-over is refused.
+    with pytest.raises(ValueError, match="trained only at noise levels 80"):
+        hybrid_sample(base, student, noise, sigmas, 3, solver=euler, student_levels=[80.0])
 
 
 @pytest.mark.slow
@@ -63,6 +77,7 @@ def test_distill_loop_writes_a_loadable_one_step_student(tmp_path):
     cfg.distill.head_width = 8
     cfg.distill.critic_steps = 1
     cfg.distill.divergence = "js"
+    cfg.distill.student_steps = 2  # levels 80 and 2.52: sampled as trained, with re-noising
     cfg.train.num_steps = 4
     cfg.train.batch_size = 16
     cfg.train.log_every = 2
@@ -74,16 +89,18 @@ def test_distill_loop_writes_a_loadable_one_step_student(tmp_path):
     assert run.step == 4
     jax.tree.map(np.testing.assert_array_equal, run.params, jax.device_get(state.gen.ema["0.99"]))
     labels = np.arange(4) % 10
-    spec = resolve_sampler(run.config.sample, num_classes=10)  # the stored one-step sampler
-    assert spec.solver_spec == "euler" and spec.steps == 1 and spec.guidance is None
+    spec = resolve_sampler(run.config.sample, num_classes=10)  # the stored recipe
+    assert spec.solver_spec == "renoise" and spec.steps == 2 and spec.guidance is None
+    np.testing.assert_array_equal(spec.sigmas, [*student_sigmas(2), 0.0])
     x, nfe = generate_samples(run, spec, num=4, labels=labels, seed=0)
-    assert nfe == 1 and np.isfinite(x).all()
+    assert nfe == 2 and np.isfinite(x).all()
     teacher = load_run(teacher_dir)
     base = resolve_sampler(teacher.config.sample, num_classes=10, solver="euler", steps=4)
+    # sigmas[1] = 9.72: the CFG Euler step (2) lands on 2.52, then the student's last level.
     y, nfe = hybrid_generate_samples(
         teacher, run, base, switch_step=1, num=4, labels=labels, seed=0
     )
-    assert nfe == 2 + 1 and y.shape == x.shape  # one CFG Euler step (2), then the student
+    assert nfe == 2 + 1 and y.shape == x.shape
     # Resume: a second call with more steps continues from the saved state.
     cfg.train.num_steps = 6
     state = distill_and_evaluate(cfg, student_dir)

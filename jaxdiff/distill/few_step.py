@@ -2,8 +2,10 @@
 
 A K-step student is one set of weights evaluated at K fixed noise levels
 ``sigma_0 = sigma_max > sigma_1 > ... > sigma_{K-1}`` (:func:`student_sigmas`). Sampling
-(:func:`few_step_sample`) is DMD2's loop: ``x0 = G(x, sigma_k)``, then re-noise with fresh
-noise ``x = x0 + sigma_{k+1} eps``; the last ``x0`` is the sample.
+(:func:`few_step_sample`, and the ``renoise`` solver through the normal sampler path) is
+DMD2's loop: ``x0 = G(x, sigma_k)``, then re-noise with fresh noise
+``x = x0 + sigma_{k+1} eps``; the last ``x0`` is the sample. Sampling with ``k < K``
+steps uses ``k`` of the trained levels (:func:`level_indices`), never others.
 
 **Backward simulation** (:func:`backward_simulate`, training): draw one step index
 ``k`` for the batch, roll the *current* generator from noise for ``k`` steps without
@@ -29,6 +31,7 @@ import numpy as np
 
 from jaxdiff.diffusion import karras_sigmas
 from jaxdiff.diffusion.formulation import expand_to
+from jaxdiff.samplers.base import batch_keys, normal_like, step_keys
 
 GenFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
 """``gen(params, x, sigma, cond) -> x0``: the student denoiser."""
@@ -108,19 +111,65 @@ def few_step_sample(
 ) -> jax.Array:
     """Samples a K-step student: ``x0 = G(x, sigma_k)``, re-noised between steps.
 
-    ``key`` seeds the re-noising (needed when K > 1).
+    The reference form of the ``renoise`` solver (:class:`jaxdiff.samplers.Renoise`):
+    ``sample(den, noise, [*sigmas, 0], solver=renoise(), key=key)`` gives the same
+    samples for the same keys.
+
+    Args:
+        gen: the student denoiser.
+        params: its params.
+        noise: ``[B, ...]`` unit noise; the start is ``sigmas[0] * noise``.
+        cond: conditioning.
+        sigmas: ``[K]`` decreasing input levels (the student's, :func:`student_sigmas`).
+        key: seeds the re-noising (needed when K > 1): one key (sample ``b`` uses
+            ``fold_in(key, b)``) or ``[B]`` per-sample keys; step ``i``'s noise of sample
+            ``b`` comes from its step key, as in the sampling driver, so a sample does not
+            depend on its batch.
+
+    Raises:
+        ValueError: for K > 1 without ``key``.
     """
     sigmas = jnp.asarray(sigmas, jnp.float32)
+    num = sigmas.shape[0]
+    if num > 1 and key is None:
+        raise ValueError("a multi-step student re-noises between steps: pass key=")
+    keys = batch_keys(key, noise.shape[0]) if num > 1 else None
     x = sigmas[0] * noise
     x0 = x
-    for i in range(sigmas.shape[0]):
+    for i in range(num):
         x0 = gen(params, x, sigmas[i], cond)
-        if i + 1 < sigmas.shape[0]:
-            if key is None:
-                raise ValueError("a multi-step student re-noises between steps: pass key=")
-            eps = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
+        if i + 1 < num:
+            eps = normal_like(step_keys(keys, jnp.int32(i))[0], x0)
             x = x0 + expand_to(sigmas[i + 1], x0) * eps
     return x0
 
 
-__all__ = ["active_steps", "backward_simulate", "few_step_sample", "student_sigmas"]
+def level_indices(num_levels: int, steps: int) -> np.ndarray:
+    """Which of a student's K trained levels a k-step run uses (``1 <= k <= K``).
+
+    The rule: evenly spaced indices ``round(i (K - 1) / (k - 1))``, ``i = 0..k-1``, halves
+    rounded up, so the first level (``sigma_max``) is always used and, for ``k > 1``, the
+    last one too (K = 4: k = 1 -> [0], 2 -> [0, 3], 3 -> [0, 2, 3], 4 -> [0, 1, 2, 3]).
+
+    Raises:
+        ValueError: for ``k`` outside ``1..K``.
+    """
+    if not 1 <= steps <= num_levels:
+        raise ValueError(
+            f"a student trained at {num_levels} levels samples with 1..{num_levels} steps, "
+            f"got {steps}"
+        )
+    if steps == 1:
+        return np.zeros(1, np.int64)
+    # Integer round-half-up of i (K - 1) / (k - 1): no float ties to break.
+    i = np.arange(steps)
+    return (2 * i * (num_levels - 1) + (steps - 1)) // (2 * (steps - 1))
+
+
+__all__ = [
+    "active_steps",
+    "backward_simulate",
+    "few_step_sample",
+    "level_indices",
+    "student_sigmas",
+]

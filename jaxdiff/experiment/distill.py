@@ -10,9 +10,10 @@ and NaN stop.
 
 * ``checkpoints/``: the *student* as an ordinary run, a TrainState of the generator
   (params, EMA, optax state) with the teacher's model config, the generator's optimizer
-  config, a sampling section for the student's steps (Euler from ``sigma_max``: the
-  sample is ``G(sigma_max z)``) and the run metadata, so ``load_run`` and ``python -m
-  sample --workdir=STUDENT`` work unchanged;
+  config, its sampling recipe in ``config.sample`` (``solver = "renoise"`` at its trained
+  levels ``sigmas``: ``x0 = G(x, sigma_k)``, re-noised between steps, as it was trained)
+  and the run metadata, so ``load_run`` and ``python -m sample --workdir=STUDENT``
+  sample it as trained;
 * ``distill_state/``: the whole :class:`~jaxdiff.distill.fdistill.DistillState` and the
   data iterator, from which a restarted job resumes.
 """
@@ -55,6 +56,7 @@ from jaxdiff.experiment.builders import (
     run_metadata,
 )
 from jaxdiff.experiment.runs import load_run
+from jaxdiff.experiment.sampling import student_sample_recipe
 from jaxdiff.parallel import is_main_process, prefetch_to_mesh
 from jaxdiff.training.checkpoint import Checkpointer
 from jaxdiff.training.loop import Hook, run_loop
@@ -128,18 +130,22 @@ def fdistill_config(config: ml_collections.ConfigDict, teacher_sample: Any) -> F
 
 
 def student_config(config: ml_collections.ConfigDict, teacher_config: Any, meta: dict) -> dict:
-    """The config stored beside the student's checkpoints (what ``load_run`` reads)."""
+    """The config stored beside the student's checkpoints (what ``load_run`` reads).
+
+    Its ``sample`` section is the student's recipe
+    (:func:`jaxdiff.experiment.sampling.student_sample_recipe`): ``solver = "renoise"``,
+    ``steps = K`` and ``sigmas``, the K levels it was trained at.
+    """
     out = teacher_config.to_dict()
     out["optim"] = config.optim.to_dict()
     # The student keeps only constant-rate EMAs: a teacher's power-EMA profiles
     # (ema_stds) are not tracked by distillation, so load_run must not look for them.
     out["train"] = {**out["train"], "ema_rates": tuple(config.train.ema_rates), "ema_stds": ()}
-    out["sample"] = {
-        **out["sample"],
-        "solver": "euler",
-        "steps": int(config.distill.student_steps),
-        "guidance": "none",
-    }
+    # Its own sampling recipe: the levels it was trained at (fdistill_config's, from the
+    # teacher's sigma range) and the re-noising solver, so sampling needs no flags.
+    ts = teacher_config.sample
+    levels = student_sigmas(int(config.distill.student_steps), ts.sigma_min, ts.sigma_max, ts.rho)
+    out["sample"] = {**out["sample"], **student_sample_recipe(levels)}
     out["distill_config"] = config.to_dict()
     out[RUN_KEY] = meta
     return out
@@ -149,6 +155,8 @@ def _grid_hook(config, teacher, nets, cfg, workdir: str) -> Hook | None:
     num = int(config.sample.grid_size)
     if num <= 0:
         return None
+    # Sample j's start noise and re-noising come from fold_in(key(seed + 1), j), the
+    # seeding of `python -m sample --seed=SEED+1`, so the grid does not depend on its size.
     keys = per_sample_keys(jax.random.key(config.seed + 1), num)
     noise = start_noise(keys, teacher.sample_shape)
     labels = (np.arange(num) % teacher.num_classes) if teacher.num_classes else None
@@ -156,14 +164,12 @@ def _grid_hook(config, teacher, nets, cfg, workdir: str) -> Hook | None:
     def gen(p, x, sigma, c):
         return nets.student(p, x, sigma, c)[0]
 
-    sample = jax.jit(
-        lambda p, z, c: few_step_sample(gen, p, z, c, cfg.student_sigmas, jax.random.key(0))
-    )
+    sample = jax.jit(lambda p, z, c, k: few_step_sample(gen, p, z, c, cfg.student_sigmas, k))
 
     def write(step: int, state: Any) -> None:
         del step
         params = state.gen.ema[next(iter(state.gen.ema))] if state.gen.ema else state.gen.params
-        images = np.asarray(sample(params, noise, labels))
+        images = np.asarray(sample(params, noise, labels, keys))
         if is_main_process():
             path = storage.join(workdir, "samples", "student.png")
             save_image_grid(path, images, scale=int(config.sample.grid_scale))

@@ -13,11 +13,10 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxdiff.distill.few_step import student_sigmas
 from jaxdiff.distill.hybrid import make_hybrid_generate_fn
 from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.experiment.runs import TrainedModel
-from jaxdiff.experiment.sampling import SamplerSpec
+from jaxdiff.experiment.sampling import SamplerSpec, trained_levels
 from jaxdiff.generate import make_generate_fn
 from jaxdiff.parallel import make_sharded_generate
 
@@ -83,10 +82,19 @@ def generate_samples(
 
 
 def student_levels(student: TrainedModel) -> np.ndarray:
-    """A distilled student's own input noise levels (one level for a one-step student)."""
-    sc = student.config.sample
-    distill = student.config.get("distill_config", {}).get("distill", {})
-    return student_sigmas(int(distill.get("student_steps", 1)), sc.sigma_min, sc.sigma_max, sc.rho)
+    """A distilled student's trained input levels (``[sigma_max]`` for a one-step student).
+
+    Raises:
+        InvalidArgumentError: if ``student`` is not a few-step student run.
+    """
+    levels = trained_levels(student.config)
+    if levels is None:
+        raise InvalidArgumentError(
+            "--student must be a few-step distilled student (its config.sample.sigmas holds "
+            "the levels it was trained at), e.g. the workdir of `python -m train "
+            "--config=train/configs/distill_digits.py`; this run has none"
+        )
+    return levels
 
 
 def hybrid_generate_samples(
@@ -103,10 +111,15 @@ def hybrid_generate_samples(
     """:func:`generate_samples` for the hybrid sampler: ``base`` first, then ``student``.
 
     Both runs must be loaded onto the same mesh. The base phase uses ``spec`` (solver,
-    sigmas, guidance); the student finishes unguided from ``spec.sigmas[switch_step]``.
+    sigmas, guidance) for ``switch_step`` steps, its last step landing on the student's
+    highest trained level at or below ``spec.sigmas[switch_step]``; the student then
+    finishes unguided with its re-noising recipe over its trained levels from there
+    (:func:`jaxdiff.distill.hybrid.handover`), so it only runs where it was trained.
 
     Raises:
-        InvalidArgumentError: if the runs' sample shapes or meshes differ.
+        InvalidArgumentError: if the runs' sample shapes or meshes differ, ``student`` is
+            not a few-step student, or ``spec.sigmas[switch_step]`` lies below all of its
+            trained levels (a one-step student only takes ``switch_step = 0``).
     """
     if base.sample_shape != student.sample_shape:
         raise InvalidArgumentError(

@@ -4,6 +4,11 @@ It reads only ``workdir/checkpoints`` (the config is stored beside every checkpo
 never the training data, and never the optimizer state: only the chosen EMA copy (or the
 raw params) is read, straight onto the shardings of the mesh it is given, whatever device
 count the run was trained on.
+
+A distilled few-step student's ``config.sample`` holds its sampling recipe (``solver =
+"renoise"``, ``sigmas`` = its trained levels); one saved before students stored it gets
+the same recipe from its ``distill_config``
+(:func:`jaxdiff.experiment.sampling.with_student_recipe`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from jaxdiff.experiment.builders import (
     build_model,
     build_precision,
 )
+from jaxdiff.experiment.sampling import with_student_recipe
 from jaxdiff.models import to_layout
 from jaxdiff.parallel import make_mesh, param_shardings, put_global
 from jaxdiff.training.checkpoint import Checkpointer, load_config
@@ -201,7 +207,7 @@ def load_run(
         shardings = param_shardings(boxed, mesh)
         params = put_global(to_layout(params, scanned=bool(scan_blocks)), shardings)
     return TrainedModel(
-        config=config,
+        config=with_student_recipe(config),  # a student saved before it stored its recipe
         model=model,
         formulation=build_formulation(config),
         params=params,

@@ -5,6 +5,14 @@ noise schedule and a guidance. ``python -m sample``, the progress grids, in-loop
 evaluation and ``sample_and_evaluate`` all call it, so every guidance method (autoguidance
 with ``guide=WORKDIR`` and the classifier methods with ``classifier=PATH`` included) is
 reachable the same way from the command line, from ``config.sample`` and in training.
+
+A few-step distilled student stores its own recipe in ``config.sample``: ``solver =
+"renoise"`` and ``sigmas``, the K levels it was trained at (:func:`student_sample_recipe`).
+With that solver :func:`resolve_sampler` samples at those levels, ``k <= K`` steps at
+``k`` of them (:func:`jaxdiff.distill.few_step.level_indices`), never at others; any other
+solver (``--solver=heun``) samples over Karras levels as for every run. Students saved
+before they stored the recipe get it from their ``distill_config``
+(:func:`with_student_recipe`, applied by ``load_run``).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from jaxdiff.diffusion import karras_sigmas
+from jaxdiff.distill.few_step import level_indices, student_sigmas
 from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.guidance import Guidance
 from jaxdiff.guidance.registry import REQUIRES, parse_guidance, parse_spec
@@ -26,6 +35,12 @@ from jaxdiff.utils import storage
 
 GUIDE_KEYS = ("guide", "guide_ema", "classifier")
 """Spec keys resolved here into callables: a guiding run's workdir and EMA, a classifier."""
+
+RENOISE = "renoise"
+"""The few-step students' solver: denoise, then re-noise with fresh noise at the next level."""
+
+FEW_STEP_METHODS = ("distill", "fdistill")
+"""``distill_config.method`` of runs whose students sample with the re-noising recipe."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +54,8 @@ class SamplerSpec:
         solver_spec: the solver as text, e.g. ``"heun"`` or ``"ddim:eta=1"``.
         guidance_spec: the guidance as text, e.g. ``"cfg:2.0"`` or ``"none"``.
         rho: the Karras schedule's warping.
+        trained_levels: a few-step student's K trained levels when ``sigmas`` are chosen
+            from them (the ``renoise`` recipe), else None (Karras levels).
     """
 
     solver: Solver
@@ -47,6 +64,7 @@ class SamplerSpec:
     solver_spec: str
     guidance_spec: str
     rho: float
+    trained_levels: np.ndarray | None = None
 
     @property
     def steps(self) -> int:
@@ -55,6 +73,18 @@ class SamplerSpec:
 
     def describe(self) -> str:
         """One line naming everything that decides the samples."""
+        if self.trained_levels is not None:
+            used = ", ".join(f"{v:.4g}" for v in self.sigmas[:-1])
+            trained = ", ".join(f"{v:.4g}" for v in self.trained_levels)
+            which = (
+                f"the student's trained levels {trained}"
+                if self.steps == len(self.trained_levels)
+                else f"levels {used} of the student's trained {trained}"
+            )
+            return (
+                f"solver {self.solver_spec}, {self.steps} steps ({which}; fresh noise "
+                f"between steps), guidance {self.guidance_spec}"
+            )
         return (
             f"solver {self.solver_spec}, {self.steps} steps (Karras sigmas "
             f"{self.sigmas[0]:g} -> {self.sigmas[-2]:g}, rho {self.rho:g}), "
@@ -204,16 +234,22 @@ def resolve_sampler(
 ) -> SamplerSpec:
     """The sampler of a run: its stored ``config.sample`` unless an override is given.
 
+    A few-step student (``config.sample.sigmas`` = its K trained levels) with the
+    ``renoise`` solver samples as trained: ``k`` steps (default K) at ``k`` of its levels,
+    evenly spaced, always starting at the first
+    (:func:`jaxdiff.distill.few_step.level_indices`). Any other solver uses Karras levels.
+
     Args:
         sample_config: the run's ``config.sample`` (``solver``, ``steps``, ``sigma_min``,
-            ``sigma_max``, ``rho``, ``guidance``).
+            ``sigma_max``, ``rho``, ``guidance``; a student's ``sigmas``).
         num_classes: the model's classes; an unconditional model samples unguided.
         solver: overrides ``config.sample.solver`` (``NAME[:key=value,...]``).
-        steps: overrides ``config.sample.steps`` (>= 1).
+        steps: overrides ``config.sample.steps`` (>= 1; at most K for a student's recipe).
         guidance: overrides ``config.sample.guidance`` (``"none"`` for no guidance).
 
     Raises:
-        InvalidArgumentError: for a bad solver, step count or guidance.
+        InvalidArgumentError: for a bad solver, step count or guidance, or more steps
+            than a student's trained levels (the message names K).
     """
     sc = sample_config
     solver_spec = str(sc.solver if solver is None else solver)
@@ -223,21 +259,87 @@ def resolve_sampler(
             f"steps must be >= 1, got {num_steps}: pass --steps=N (e.g. 18), or leave it out "
             "to use the run's config.sample.steps"
         )
+    built_solver = build_solver(solver_spec)
     guidance_spec = str(sc.guidance if guidance is None else guidance)
     built = build_guidance(guidance_spec)
     if built is not None and num_classes == 0:
         built, guidance_spec = None, "none (unconditional model)"
     elif built is None:
         guidance_spec = "none"
-    sigmas = np.asarray(karras_sigmas(num_steps, sc.sigma_min, sc.sigma_max, sc.rho), np.float32)
+    trained = sc.get("sigmas")
+    name = solver_spec.partition(":")[0].strip().lower()
+    if trained is not None and name == RENOISE:
+        trained = np.asarray(trained, np.float32).reshape(-1)
+        sigmas = _trained_schedule(trained, num_steps)
+    else:
+        trained = None
+        sigmas = karras_sigmas(num_steps, sc.sigma_min, sc.sigma_max, sc.rho)
     return SamplerSpec(
-        solver=build_solver(solver_spec),
-        sigmas=sigmas,
+        solver=built_solver,
+        sigmas=np.asarray(sigmas, np.float32),
         guidance=built,
         solver_spec=solver_spec,
         guidance_spec=guidance_spec,
         rho=float(sc.rho),
+        trained_levels=trained,
     )
+
+
+def _trained_schedule(levels: np.ndarray, num_steps: int) -> np.ndarray:
+    """``num_steps`` of a student's trained ``levels`` (the level_indices rule), then 0."""
+    if num_steps > levels.size:
+        shown = ", ".join(f"{v:.4g}" for v in levels)
+        raise InvalidArgumentError(
+            f"steps={num_steps}, but this student was trained at K={levels.size} levels "
+            f"({shown}): pass --steps=1..{levels.size} (that many of its levels), or an ODE "
+            "solver such as --solver=heun to sample it over Karras levels instead"
+        )
+    return np.append(levels[level_indices(levels.size, num_steps)], 0.0)
+
+
+def student_sample_recipe(levels: Any) -> dict[str, Any]:
+    """The ``config.sample`` entries of a few-step student trained at ``levels``.
+
+    ``{"solver": "renoise", "steps": K, "sigmas": [K levels], "guidance": "none"}``: the
+    levels are stored as float32 values, so sampling uses exactly the training levels.
+    """
+    values = [float(v) for v in np.asarray(levels, np.float32).reshape(-1)]
+    return {"solver": RENOISE, "steps": len(values), "sigmas": values, "guidance": "none"}
+
+
+def trained_levels(config: ml_collections.ConfigDict) -> np.ndarray | None:
+    """A few-step student's trained levels, or None for a run that is not one.
+
+    ``config.sample.sigmas`` where stored; for a student saved before students stored
+    them, the same levels derived from its ``distill_config`` (``distill.student_steps``
+    on the ``config.sample`` sigma range, as distillation chose them).
+    """
+    if config.sample.get("sigmas") is not None:
+        return np.asarray(config.sample.sigmas, np.float32).reshape(-1)
+    d = config.get("distill_config")
+    if d is None or d.get("method") not in FEW_STEP_METHODS:
+        return None
+    num = d.get("distill", {}).get("student_steps")
+    if num is None:
+        return None
+    sc = config.sample
+    return np.asarray(student_sigmas(int(num), sc.sigma_min, sc.sigma_max, sc.rho), np.float32)
+
+
+def with_student_recipe(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with the sampling recipe of an old student filled in (else unchanged).
+
+    Students saved before the recipe was stored carry ``solver = "euler"`` and no
+    ``sample.sigmas``; their levels come from :func:`trained_levels`, so they sample as
+    they were trained, like new students.
+    """
+    if config.sample.get("sigmas") is not None:
+        return config
+    levels = trained_levels(config)
+    if levels is not None:
+        for key, value in student_sample_recipe(levels).items():
+            config.sample[key] = value
+    return config
 
 
 def parse_labels(spec: str | None, num: int, num_classes: int) -> np.ndarray:
@@ -263,9 +365,14 @@ def parse_labels(spec: str | None, num: int, num_classes: int) -> np.ndarray:
 
 
 __all__ = [
+    "FEW_STEP_METHODS",
+    "RENOISE",
     "SamplerSpec",
     "build_guidance",
     "build_solver",
     "parse_labels",
     "resolve_sampler",
+    "student_sample_recipe",
+    "trained_levels",
+    "with_student_recipe",
 ]

@@ -24,6 +24,7 @@ from jaxdiff.samplers.driver import sample, sampling_dtype
 from jaxdiff.samplers.edm_stochastic import EDMStochastic, edm_stochastic
 from jaxdiff.samplers.euler import Euler, euler, euler_update
 from jaxdiff.samplers.heun import Heun, heun, heun_update
+from jaxdiff.samplers.renoise import Renoise, renoise
 
 SOLVERS = {
     "euler": euler,
@@ -32,6 +33,7 @@ SOLVERS = {
     "ddim": ddim,
     "euler_ancestral": euler_ancestral,
     "dpmpp_2m": dpmpp_2m,
+    "renoise": renoise,
 }
 """Solver factories by name (for the CLI)."""
 
@@ -67,6 +69,7 @@ __all__ = [
     "EulerAncestral",
     "EvalState",
     "Heun",
+    "Renoise",
     "Solver",
     "ancestral_split",
     "ancestral_update",
@@ -82,6 +85,7 @@ __all__ = [
     "heun_update",
     "normal_like",
     "per_sample_normal",
+    "renoise",
     "sample",
     "sampling_dtype",
     "step_keys",
