@@ -11,10 +11,29 @@ Pure losses and step builders live one concept per module:
 * :mod:`~jaxdiff.distill.fdistill_losses`: f-distill's generator and critic losses;
 * :mod:`~jaxdiff.distill.fdistill`: f-distill's config, state and sharded steps;
 * :mod:`~jaxdiff.distill.hybrid`: diversity distillation's hybrid sampler;
+* :mod:`~jaxdiff.distill.consistency_core`, :mod:`~jaxdiff.distill.consistency`:
+  consistency distillation (CD), ECT-style consistency training (CT), multistep sampling;
+* :mod:`~jaxdiff.distill.trigflow`, :mod:`~jaxdiff.distill.scm`: TrigFlow and
+  continuous-time consistency (sCD / sCT);
+* :mod:`~jaxdiff.distill.meanflow`: MeanFlow's average-velocity model;
 * the config-driven run, ``distill_and_evaluate(config, workdir)``, is in
   :mod:`jaxdiff.experiment.distill`.
 """
 
+from jaxdiff.distill.consistency import (
+    CDConfig,
+    CDState,
+    CTConfig,
+    CTState,
+    consistency_state_shardings,
+    init_cd_state,
+    init_ct_state,
+    make_cd_step,
+    make_ct_step,
+    sample_cd,
+    sample_ct,
+)
+from jaxdiff.distill.consistency_core import ConsistencyFormulation, ect_r, multistep_sample
 from jaxdiff.distill.divergences import DIVERGENCES, generator_f, weighting
 from jaxdiff.distill.fdistill import (
     SCHEDULES,
@@ -32,6 +51,13 @@ from jaxdiff.distill.few_step import backward_simulate, few_step_sample, student
 from jaxdiff.distill.heads import HEAD_FORMS
 from jaxdiff.distill.hybrid import hybrid_sample
 from jaxdiff.distill.losses import dmd2_loss, gan_d_loss, gan_g_loss, vsd_loss
+from jaxdiff.distill.meanflow import (
+    MeanFlowConfig,
+    MeanFlowState,
+    init_meanflow_state,
+    make_meanflow_step,
+    sample_meanflow,
+)
 from jaxdiff.distill.pool import per_head
 from jaxdiff.distill.ratio import (
     TIME_BIN_COORDINATES,
@@ -40,8 +66,37 @@ from jaxdiff.distill.ratio import (
     f_weights,
     time_bin_normalize,
 )
+from jaxdiff.distill.scm import SCMConfig, SCMState, init_scm_state, make_scm_step, sample_scm
+from jaxdiff.distill.trigflow import sigma_from_trig, teacher_velocity, trig_from_sigma
 
 __all__ = [
+    "CDConfig",
+    "CDState",
+    "CTConfig",
+    "CTState",
+    "ConsistencyFormulation",
+    "MeanFlowConfig",
+    "MeanFlowState",
+    "SCMConfig",
+    "SCMState",
+    "consistency_state_shardings",
+    "ect_r",
+    "init_cd_state",
+    "init_ct_state",
+    "init_meanflow_state",
+    "init_scm_state",
+    "make_cd_step",
+    "make_ct_step",
+    "make_meanflow_step",
+    "make_scm_step",
+    "multistep_sample",
+    "sample_cd",
+    "sample_ct",
+    "sample_meanflow",
+    "sample_scm",
+    "sigma_from_trig",
+    "teacher_velocity",
+    "trig_from_sigma",
     "DIVERGENCES",
     "HEAD_FORMS",
     "SCHEDULES",

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.models.aux_time import aux_time_embedding
 from jaxdiff.models.dit_layout import stack_blocks, to_layout, unstack_blocks
 from jaxdiff.models.layers import (
     ClassEmbedding,
@@ -268,6 +269,12 @@ class DiT(nn.Module):
         ``return_all_channels``. Needed to load the published DiT/SiT weights.
       return_all_channels: With ``learn_sigma``, return all ``2 C`` channels (the
         reference's full output) instead of the first ``C``.
+      aux_time_embed: Condition on a second per-sample scalar, the call's ``aux_time``
+        (MeanFlow's ``t - r``, a guidance scale, ...): its zero-initialised embedding
+        (:class:`jaxdiff.models.aux_time.AuxEmbedding`, params ``aux_time_embed``) joins the
+        conditioning vector ``c``. Off by default (no parameter; ``aux_time`` must be None).
+      aux_time_scale: Input scale of the ``aux_time`` features (None = the ``embedding``
+        kind's default).
       remat: Rematerialisation policy of each block, a name from
         :data:`jaxdiff.models.remat.REMAT_POLICIES`: ``"none"`` (keep all activations:
         fastest, most memory), ``"dots"`` (keep the dense layers' matmul outputs,
@@ -307,6 +314,8 @@ class DiT(nn.Module):
     skip_layers: tuple[int, ...] | None = None
     learn_sigma: bool = False
     return_all_channels: bool = False
+    aux_time_embed: bool = False
+    aux_time_scale: float | None = None
     remat: str | bool = "none"
     scan_blocks: bool = False
     activation_sharding: Any = None
@@ -380,6 +389,7 @@ class DiT(nn.Module):
         *,
         train: bool = False,
         variant: str | None = None,
+        aux_time: jax.Array | None = None,
     ) -> jax.Array:
         """Predicts the network output for noisy inputs.
 
@@ -389,13 +399,16 @@ class DiT(nn.Module):
           cond: int32 ``[B]`` class labels or None (null class).
           train: Enables dropout (rng collection ``"dropout"``).
           variant: Static: None, ``"pag"`` or ``"slg"`` (see the class docstring).
+          aux_time: ``[B]`` float second scalar per sample (needs ``aux_time_embed``);
+            None = zeros.
 
         Returns:
           ``[B, H, W, C]`` float32 (``[B, H, W, 2 C]`` with ``learn_sigma`` and
           ``return_all_channels``).
 
         Raises:
-          ValueError: Unknown variant, bad layer indices or indivisible image size.
+          ValueError: Unknown variant, bad layer indices or indivisible image size, or
+            ``aux_time`` without ``aux_time_embed``.
         """
         check_variant(variant)
         pag = self._blocks(self.pag_layers, "pag_layers") if variant == "pag" else frozenset()
@@ -426,6 +439,9 @@ class DiT(nn.Module):
             c = c + ClassEmbedding(self.num_classes, self.hidden_size, name="class_embed", **kw)(
                 cond, b
             )
+        aux = aux_time_embedding(self, aux_time, b, self.frequency_features, self.hidden_size, kw)
+        if aux is not None:  # nothing at all is added when aux_time_embed=False
+            c = c + aux
 
         block_args = (self.hidden_size, self.num_heads, self.mlp_ratio, self.dropout)
         block_kw = dict(attention_impl=self.attention_impl, **kw)

@@ -19,7 +19,9 @@ Residual blocks: GroupNorm -> SiLU -> conv -> GroupNorm modulated by the embeddi
 zero-initialised conv; the sum with the (1x1-projected) input is scaled by 1/sqrt(2)
 (DDPM++) to keep activations' variance from growing with depth. The conditioning
 embedding (width ``4 * ch``) is the sum of the noise-level and class embeddings, plus,
-with ``augment_dim > 0``, a bias-free linear map of the augmentation labels.
+with ``augment_dim > 0``, a bias-free linear map of the augmentation labels and, with
+``aux_time_embed``, the embedding of a second scalar per sample
+(:class:`~jaxdiff.models.aux_time.AuxEmbedding`).
 
 Logical axes follow :mod:`jaxdiff.models.layers`: conv kernels are
 ``("conv_h", "conv_w", "embed", "mlp")`` whatever the in/out widths.
@@ -33,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.aux_time import aux_time_embedding
 from jaxdiff.models.layers import (
     ClassEmbedding,
     NoiseEmbedding,
@@ -203,6 +206,13 @@ class UNet(nn.Module):
       augment_dim: Width of the augmentation labels the network is conditioned on (EDM's
         non-leaking augmentation, :class:`jaxdiff.data.augment.EdmAugment`: 9); 0 = none,
         and no parameter is created.
+      aux_time_embed: Condition on a second per-sample scalar, the call's ``aux_time``
+        (e.g. MeanFlow's interval ``t - r``, or a guidance scale ``w`` for guidance
+        distillation): its embedding (:class:`~jaxdiff.models.aux_time.AuxEmbedding`,
+        params ``aux_time_embed``, last layer zero-initialised) joins the noise and class
+        embeddings. Off by default: no parameter is created and ``aux_time`` must be None.
+      aux_time_scale: Input scale of the ``aux_time`` features (None = the ``embedding``
+        kind's default, as for the noise label).
       remat: Rematerialisation policy of every residual and attention block, a name from
         :data:`jaxdiff.models.remat.REMAT_POLICIES`: ``"none"`` (keep all activations:
         fastest, most memory), ``"dots"`` (keep the matmul outputs of the dense layers,
@@ -230,6 +240,8 @@ class UNet(nn.Module):
     pag_layers: tuple[int | str, ...] | None = None
     skip_layers: tuple[int | str, ...] | None = None
     augment_dim: int = 0
+    aux_time_embed: bool = False
+    aux_time_scale: float | None = None
     remat: str | bool = "none"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -292,6 +304,7 @@ class UNet(nn.Module):
         train: bool = False,
         variant: str | None = None,
         augment_label: jax.Array | None = None,
+        aux_time: jax.Array | None = None,
     ) -> jax.Array:
         """Predicts the network output for noisy images.
 
@@ -303,13 +316,16 @@ class UNet(nn.Module):
           variant: Static: None, ``"pag"`` or ``"slg"`` (see the class docstring).
           augment_label: ``[B, augment_dim]`` float augmentation labels of the training
             batch, or None (sampling): the same as zeros, i.e. "not augmented".
+          aux_time: ``[B]`` float second scalar per sample (needs ``aux_time_embed``);
+            None = zeros.
 
         Returns:
           ``[B, H, W, C]`` float32.
 
         Raises:
           ValueError: Unknown variant/resample, bad layer names or image size, or
-            augmentation labels that do not match ``augment_dim``.
+            augmentation labels that do not match ``augment_dim``, or ``aux_time``
+            without ``aux_time_embed``.
         """
         check_variant(variant)
         if self.resample not in RESAMPLES:
@@ -344,6 +360,9 @@ class UNet(nn.Module):
         augment = self._augment_embedding(augment_label, b, emb_dim, kw)
         if augment is not None:  # nothing at all is added when augment_dim=0
             emb = emb + augment
+        aux = aux_time_embedding(self, aux_time, b, self.ch, emb_dim, kw)
+        if aux is not None:  # nothing at all is added when aux_time_embed=False
+            emb = emb + aux
 
         h = conv(self.ch, name="conv_in", **kw)(x.astype(self.dtype))
         skips = [h]

@@ -1,0 +1,104 @@
+"""A second per-sample scalar as network input: ``aux_time`` of the UNet and DiT.
+
+MeanFlow's interval ``t - r`` or a guidance scale ``w`` is embedded and added to the
+conditioning vector.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.models.layers import (
+    DEFAULT_EMBEDDING_SCALE,
+    EMBEDDINGS,
+    dense,
+    fourier_features,
+    sinusoidal_features,
+    zeros,
+)
+
+
+class AuxEmbedding(nn.Module):
+    """Embeds a second per-sample scalar (``aux_time``) into the conditioning vector.
+
+    Features as in :class:`~jaxdiff.models.layers.NoiseEmbedding` (sinusoids or random
+    Fourier features of ``scale * value``), then ``Dense -> SiLU -> Dense`` whose last
+    kernel starts at zero: the embedding is exactly zero at initialisation, so a network
+    given this input starts as the same function as one without it (a student initialised
+    from a teacher's weights matches the teacher for every ``aux_time``), and training
+    moves the last layer first, as with adaLN-Zero.
+
+    Attributes:
+      features: Number of sinusoidal/Fourier features (even).
+      out_features: Width of the returned embedding.
+      kind: ``"positional"`` or ``"fourier"``.
+      scale: Input scale; None picks the kind's default (1000 or 16).
+      dtype: Compute dtype of the MLP.
+      param_dtype: Parameter dtype.
+    """
+
+    features: int
+    out_features: int
+    kind: str = "positional"
+    scale: float | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, value: jax.Array) -> jax.Array:
+        """Embeds ``[B]`` values; returns ``[B, out_features]`` in ``dtype``."""
+        if self.kind not in EMBEDDINGS:
+            raise ValueError(f"unknown embedding {self.kind!r}; allowed: {EMBEDDINGS}")
+        scale = DEFAULT_EMBEDDING_SCALE[self.kind] if self.scale is None else self.scale
+        value = jnp.atleast_1d(value)
+        if self.kind == "positional":
+            h = sinusoidal_features(value * scale, self.features)
+        else:
+            h = fourier_features(value, self.features, scale, seed=1)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(self.out_features, ("embed", "mlp"), name="fc1", **kw)(h.astype(self.dtype))
+        h = nn.silu(h)
+        return dense(self.out_features, ("mlp", "embed"), kernel_init=zeros, name="fc2", **kw)(h)
+
+
+def aux_time_embedding(
+    module: nn.Module,
+    aux_time: jax.Array | None,
+    batch: int,
+    features: int,
+    out_features: int,
+    kw: dict,
+) -> jax.Array | None:
+    """The ``aux_time`` embedding of a UNet/DiT, or None when ``aux_time_embed`` is off.
+
+    ``module`` supplies the fields ``aux_time_embed``, ``aux_time_scale`` and
+    ``embedding``; the embedding's params live under ``aux_time_embed``.
+
+    Raises:
+      ValueError: ``aux_time`` given to a network built without ``aux_time_embed``, or
+        of a shape other than ``[B]`` / scalar.
+    """
+    if not module.aux_time_embed:
+        if aux_time is not None:
+            raise ValueError(
+                f"got aux_time of shape {jnp.shape(aux_time)} but aux_time_embed=False: build "
+                "the network with aux_time_embed=True to condition on a second scalar"
+            )
+        return None
+    if aux_time is None:
+        # Created even without a value, so init (which passes none) sees the trained tree.
+        aux_time = jnp.zeros((batch,), jnp.float32)
+    if jnp.ndim(aux_time) > 1 or jnp.size(aux_time) not in (1, batch):
+        raise ValueError(
+            f"aux_time has shape {jnp.shape(aux_time)}, expected ({batch},) or a scalar: "
+            "pass one value per sample"
+        )
+    value = jnp.broadcast_to(jnp.asarray(aux_time, jnp.float32).reshape(-1), (batch,))
+    return AuxEmbedding(
+        features, out_features, module.embedding, module.aux_time_scale, name="aux_time_embed", **kw
+    )(value)
+
+
+__all__ = ["AuxEmbedding", "aux_time_embedding"]
