@@ -51,6 +51,7 @@ def _check_finite(row, skip=()):
             _number(cell)
 
 
+@pytest.mark.slow  # 41 s: the UNet train-step smoke stays in the default run
 def test_train_step_smoke_dit(capsys, tmp_path):
     from benchmarks import train_step
 
@@ -142,6 +143,7 @@ def test_bad_arguments_are_named():
         sampling.main(["--smoke", "--batches", "1,x"])
 
 
+@pytest.mark.slow  # 35 s: compiles two DiT layouts
 def test_compile_time_smoke_compiles_both_layouts_from_shapes(capsys):
     from benchmarks import compile_time
 

@@ -202,6 +202,7 @@ def test_every_guidance_is_reachable_from_a_spec(trained, noise_aware_classifier
         assert np.all(np.isfinite(x)), spec
 
 
+@pytest.mark.slow  # 56 s: trains a flow-matching run; formulations are tested in test_diffusion
 def test_sample_cli_uses_the_run_sampler_of_a_flow_matching_run(tmp_path):
     # A flow-matching run configured for Euler: `python -m sample` without --solver must
     # sample with Euler (3 steps x 2 for CFG = 6 evaluations), not Heun (2 x 5 = 10).

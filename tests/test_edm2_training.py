@@ -4,6 +4,7 @@ import importlib
 
 import jax
 import numpy as np
+import pytest
 
 from jaxdiff.experiment import build_experiment, load_run, train_and_evaluate
 from jaxdiff.models import EDM2UNet
@@ -40,6 +41,8 @@ def test_edm2_config_builds_with_the_mp_unet():
     assert isinstance(exp.model, EDM2UNet) and exp.sample_shape == (8, 8, 1)
 
 
+# 84 s: the EDM2 recipe end to end; its parts are tested in test_models_edm2, test_phema.
+@pytest.mark.slow
 def test_edm2_recipe_keeps_weights_normalised_and_snapshots_profiles(tmp_path):
     state = train_and_evaluate(_config(), tmp_path)
     assert int(state.step) == 3 and set(state.ema) == {"std0.050", "std0.100"}

@@ -65,6 +65,7 @@ def test_precision_presets_and_dtype_override():
     assert builders.PRECISIONS["fp32"].matmul_precision == "highest"
 
 
+@pytest.mark.slow  # 72 s: bf16 on the CPU is emulated; the precision presets stay tested here
 def test_bf16_step_keeps_float32_state_and_tracks_the_float32_loss():
     """bf16 compute: params, Adam moments and EMA stay float32; losses track float32's."""
     runs, states = {}, {}

@@ -33,6 +33,10 @@ from jaxdiff.metrics.inception_weights import random_inception_variables, save_i
 from jaxdiff.metrics.weights import ChecksumMismatchError, file_sha256
 from jaxdiff.parallel import make_mesh
 
+# One xdist worker for the whole module: the module-scoped Inception fixtures are then
+# computed once (about 80 s each on a 2-core CPU).
+pytestmark = pytest.mark.xdist_group("inception_table")
+
 RNG = np.random.default_rng(0)
 REF_IMAGES = RNG.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
 

@@ -188,6 +188,7 @@ def test_trainable_mask(params):
     assert sum(not m for m in jax.tree.leaves(mask)) == 4
 
 
+@pytest.mark.slow  # 38 s: the EDM2 loss is tested in test_uncertainty_loss
 def test_one_train_step_through_jaxdiff_loss():
     model = EDM2UNet(**{**TINY, "dropout": 0.1})
     params = random_params(model)

@@ -89,6 +89,9 @@ def _predictions(state, exp):
     return np.asarray(exp.formulation.denoise(net, x, sigma, labels))
 
 
+# 94 s: resume across topologies end to end; loading onto any mesh and exact resume
+# stay in the default run (test_cli, test_training).
+@pytest.mark.slow
 def test_resume_on_fewer_and_more_devices(tmp_path):
     def config(steps, devices):
         c = tiny_config(steps, checkpoint_every=2)
@@ -136,6 +139,8 @@ def _train_cli(workdir, *flags, devices=2, extra_env=None, wait=True):
     return proc
 
 
+# 222 s: two real processes; in-process 8-device sharding stays in the default run.
+@pytest.mark.slow
 def test_two_processes_equal_one_process_and_resume(tmp_path):
     # Also a slow-host test: process 1 is frozen with SIGSTOP (no progress, no heartbeats)
     # for 20 s in the middle of the first run, the kind of stall a loaded or descheduled

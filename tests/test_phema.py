@@ -237,6 +237,7 @@ def _cli(*args):
     )
 
 
+@pytest.mark.slow  # 53 s: trains a run; the reconstruction is tested exactly in this file
 def test_command_end_to_end_on_a_tiny_run(tmp_path):
     from tiny import tiny_config
 
