@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 from gaussian import MU, S
+from tiny import run_sharded_steps
 
 from jaxdiff.diffusion import EDM
 from jaxdiff.diffusion.formulation import expand_to
@@ -37,7 +38,7 @@ from jaxdiff.distill.trigflow import (
 )
 from jaxdiff.models.layers import sinusoidal_features
 from jaxdiff.models.unet import UNet
-from jaxdiff.parallel import batch_sharding, make_mesh, replicated
+from jaxdiff.parallel import make_mesh
 
 SD = 0.5
 EDM_F = EDM(sigma_data=SD)
@@ -251,20 +252,6 @@ def test_training_approaches_the_exact_consistency_function(mode, batch):
     assert after < 0.1 * before, (before, after)
 
 
-def _run_sharded(mesh, step, state, batches):
-    rep = replicated(mesh)
-    shard = jax.tree.map(lambda _: rep, state)
-    jitted = jax.jit(
-        step,
-        in_shardings=(shard, None, batch_sharding(mesh), rep),
-        out_shardings=(shard, rep),
-    )
-    state = jax.device_put(state, shard)
-    for batch in batches:
-        state, metrics = jitted(state, None, {"image": batch}, jax.random.key(3))
-    return jax.device_get((state, metrics))
-
-
 def test_sharded_step_equals_single_device_step():
     net = AffineInX()
     apply = lambda p, *a, **k: net.apply({"params": p}, *a, **k)  # noqa: E731
@@ -274,8 +261,8 @@ def test_sharded_step_equals_single_device_step():
     state = init_scm_state(jax.random.key(1), params, tx, cfg, ema_rates=(0.9,))
     step = make_scm_step(apply, exact_edm_net, EDM_F, cfg, tx)
     batches = MU + S * jax.random.normal(jax.random.key(1), (2, 16, 2))
-    single = _run_sharded(make_mesh(devices=jax.devices()[:1]), step, state, batches)
-    sharded = _run_sharded(make_mesh(), step, state, batches)
+    single = run_sharded_steps(make_mesh(devices=jax.devices()[:1]), step, state, batches)
+    sharded = run_sharded_steps(make_mesh(), step, state, batches)
     assert jax.device_count() == 8
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)  # noqa: E731
     jax.tree.map(close, single, sharded)

@@ -67,3 +67,27 @@ def tiny_imagefolder_config(path, size="32"):
     config.sample.steps = 2
     config.sample.grid_size = 4
     return config
+
+
+def run_sharded_steps(mesh, step, state, batches, key_seed=3):
+    """Runs ``step(state, None, {"image": b}, key)`` over ``batches``, jitted on ``mesh``.
+
+    The state is replicated and the batch split over the mesh's batch axes; returns the
+    final ``(state, metrics)`` on the host. Sharded-equals-one-device tests call it twice.
+    """
+    import jax
+
+    from jaxdiff.parallel import batch_sharding, replicated
+
+    rep = replicated(mesh)
+    shard = jax.tree.map(lambda _: rep, state)
+    jitted = jax.jit(
+        step,
+        in_shardings=(shard, None, batch_sharding(mesh), rep),
+        out_shardings=(shard, rep),
+    )
+    state = jax.device_put(state, shard)
+    metrics = None
+    for batch in batches:
+        state, metrics = jitted(state, None, {"image": batch}, jax.random.key(key_seed))
+    return jax.device_get((state, metrics))

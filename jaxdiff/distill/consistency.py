@@ -55,9 +55,9 @@ from jaxdiff.parallel import replicated
 from jaxdiff.samplers import Solver, get_solver
 from jaxdiff.training.state import (
     TrainState,
+    apply_gradients,
     create_train_state,
     train_state_shardings,
-    update_ema,
 )
 
 
@@ -197,17 +197,6 @@ def _copy(tree: Any) -> Any:
     return jax.tree.map(jnp.array, tree)
 
 
-def _apply_update(state_gen: TrainState, grads, tx, ema_warmup: bool) -> TrainState:
-    updates, opt = tx.update(grads, state_gen.opt_state, state_gen.params)
-    params = optax.apply_updates(state_gen.params, updates)
-    return TrainState(
-        step=state_gen.step + 1,
-        params=params,
-        ema=update_ema(state_gen.ema, params, state_gen.step, ema_warmup),
-        opt_state=opt,
-    )
-
-
 def init_cd_state(
     key: jax.Array,
     student_params: Any,
@@ -282,7 +271,7 @@ def make_cd_step(
         k = jax.random.fold_in(key, state.step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, metrics), grads = grad_fn(state.gen.params, state.target, teacher_params, batch, k)
-        gen = _apply_update(state.gen, grads, tx, ema_warmup)
+        gen = apply_gradients(state.gen, grads, tx, ema_warmup)
         target = jax.tree.map(lambda t, p: mu * t + (1.0 - mu) * p, state.target, gen.params)
         metrics["grad_norm"] = optax.tree.norm(grads)
         return state.replace(step=state.step + 1, gen=gen, target=target), metrics
@@ -355,7 +344,7 @@ def make_ct_step(
         stage = ect_stage(state.step, cfg.stage_length)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, metrics), grads = grad_fn(state.gen.params, batch, k, stage)
-        gen = _apply_update(state.gen, grads, tx, ema_warmup)
+        gen = apply_gradients(state.gen, grads, tx, ema_warmup)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["stage"] = stage.astype(jnp.float32)
         return state.replace(step=state.step + 1, gen=gen), metrics

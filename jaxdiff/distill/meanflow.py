@@ -44,7 +44,7 @@ import optax
 
 from jaxdiff.diffusion.conversions import flow_t_to_sigma
 from jaxdiff.diffusion.formulation import Denoiser, Formulation, expand_to
-from jaxdiff.training.state import TrainState, create_train_state, update_ema
+from jaxdiff.training.state import TrainState, apply_gradients, create_train_state
 
 NetApply = Callable[..., jax.Array]
 """``apply(params, x_in, noise_label, cond, **kwargs) -> network output``."""
@@ -250,14 +250,7 @@ def make_meanflow_step(
 
         (loss, sq), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.gen.params)
         gen = state.gen
-        upd, opt = tx.update(grads, gen.opt_state, gen.params)
-        params = optax.apply_updates(gen.params, upd)
-        new_gen = TrainState(
-            step=gen.step + 1,
-            params=params,
-            ema=update_ema(gen.ema, params, gen.step, ema_warmup),
-            opt_state=opt,
-        )
+        new_gen = apply_gradients(gen, grads, tx, ema_warmup)
         metrics = {
             "loss": loss,
             "mse": sq,

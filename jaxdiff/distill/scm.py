@@ -51,7 +51,7 @@ from jaxdiff.distill.trigflow import (
     trig_noise,
 )
 from jaxdiff.models.layers import NoiseEmbedding, dense, zeros
-from jaxdiff.training.state import TrainState, create_train_state, update_ema
+from jaxdiff.training.state import TrainState, apply_gradients, create_train_state
 
 MODES = ("distill", "train")
 """``"distill"`` = sCD (teacher velocity), ``"train"`` = sCT (conditional velocity)."""
@@ -307,14 +307,7 @@ def make_scm_step(
         trainable = (state.gen.params, state.weight.params)
         (loss, (mse, logvar)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         gen, weight = state.gen, state.weight
-        upd, opt = tx.update(grads[0], gen.opt_state, gen.params)
-        params = optax.apply_updates(gen.params, upd)
-        new_gen = TrainState(
-            step=gen.step + 1,
-            params=params,
-            ema=update_ema(gen.ema, params, gen.step, ema_warmup),
-            opt_state=opt,
-        )
+        new_gen = apply_gradients(gen, grads[0], tx, ema_warmup)
         w_upd, w_opt = tx.update(grads[1], weight.opt_state, weight.params)
         new_weight = TrainState(
             step=weight.step + 1,

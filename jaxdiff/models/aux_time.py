@@ -10,57 +10,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.models.layers import (
-    DEFAULT_EMBEDDING_SCALE,
-    EMBEDDINGS,
-    dense,
-    fourier_features,
-    sinusoidal_features,
-    zeros,
-)
+from jaxdiff.models.layers import NoiseEmbedding
 
 
-class AuxEmbedding(nn.Module):
+class AuxEmbedding(NoiseEmbedding):
     """Embeds a second per-sample scalar (``aux_time``) into the conditioning vector.
 
-    Features as in :class:`~jaxdiff.models.layers.NoiseEmbedding` (sinusoids or random
-    Fourier features of ``scale * value``), then ``Dense -> SiLU -> Dense`` whose last
-    kernel starts at zero: the embedding is exactly zero at initialisation, so a network
-    given this input starts as the same function as one without it (a student initialised
-    from a teacher's weights matches the teacher for every ``aux_time``), and training
-    moves the last layer first, as with adaLN-Zero.
-
-    Attributes:
-      features: Number of sinusoidal/Fourier features (even).
-      out_features: Width of the returned embedding.
-      kind: ``"positional"`` or ``"fourier"``.
-      scale: Input scale; None picks the kind's default (1000 or 16).
-      dtype: Compute dtype of the MLP.
-      param_dtype: Parameter dtype.
+    :class:`~jaxdiff.models.layers.NoiseEmbedding`'s features and ``Dense -> SiLU ->
+    Dense``, with the last kernel starting at zero: the embedding is exactly zero at
+    initialisation, so a network given this input starts as the same function as one
+    without it (a student initialised from a teacher's weights matches the teacher for
+    every ``aux_time``), and training moves the last layer first, as with adaLN-Zero.
+    Its Fourier bank has its own seed, so it is not the noise label's.
     """
 
-    features: int
-    out_features: int
-    kind: str = "positional"
-    scale: float | None = None
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, value: jax.Array) -> jax.Array:
-        """Embeds ``[B]`` values; returns ``[B, out_features]`` in ``dtype``."""
-        if self.kind not in EMBEDDINGS:
-            raise ValueError(f"unknown embedding {self.kind!r}; allowed: {EMBEDDINGS}")
-        scale = DEFAULT_EMBEDDING_SCALE[self.kind] if self.scale is None else self.scale
-        value = jnp.atleast_1d(value)
-        if self.kind == "positional":
-            h = sinusoidal_features(value * scale, self.features)
-        else:
-            h = fourier_features(value, self.features, scale, seed=1)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = dense(self.out_features, ("embed", "mlp"), name="fc1", **kw)(h.astype(self.dtype))
-        h = nn.silu(h)
-        return dense(self.out_features, ("mlp", "embed"), kernel_init=zeros, name="fc2", **kw)(h)
+    fourier_seed: int = 1
+    zero_init_output: bool = True
 
 
 def aux_time_embedding(

@@ -204,6 +204,9 @@ class NoiseEmbedding(nn.Module):
       scale: Input scale; None picks :data:`DEFAULT_EMBEDDING_SCALE` for ``kind``.
       dtype: Compute dtype of the MLP.
       param_dtype: Parameter dtype.
+      fourier_seed: Seed of the fixed Fourier frequency bank.
+      zero_init_output: Start the last layer at zero (the embedding is then exactly 0
+        at initialisation; see :class:`jaxdiff.models.aux_time.AuxEmbedding`).
     """
 
     features: int
@@ -212,6 +215,8 @@ class NoiseEmbedding(nn.Module):
     scale: float | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    fourier_seed: int = 0
+    zero_init_output: bool = False
 
     @nn.compact
     def __call__(self, noise_label: jax.Array) -> jax.Array:
@@ -233,11 +238,12 @@ class NoiseEmbedding(nn.Module):
         if self.kind == "positional":
             h = sinusoidal_features(label * scale, self.features)
         else:
-            h = fourier_features(label, self.features, scale)
+            h = fourier_features(label, self.features, scale, seed=self.fourier_seed)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = dense(self.out_features, ("embed", "mlp"), name="fc1", **kw)(h.astype(self.dtype))
         h = nn.silu(h)
-        return dense(self.out_features, ("mlp", "embed"), name="fc2", **kw)(h)
+        out_kw = {"kernel_init": zeros} if self.zero_init_output else {}
+        return dense(self.out_features, ("mlp", "embed"), name="fc2", **kw, **out_kw)(h)
 
 
 class ClassEmbedding(nn.Module):

@@ -105,6 +105,18 @@ def update_ema(ema: dict[str, Any], params: Any, step: jax.Array, warmup: bool) 
     return out
 
 
+def apply_gradients(state: TrainState, grads: Any, tx: Any, ema_warmup: bool) -> TrainState:
+    """One optimizer update of ``state`` with ``grads``: params, EMAs, step, ``tx``'s state."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(
+        step=state.step + 1,
+        params=params,
+        ema=update_ema(state.ema, params, state.step, ema_warmup),
+        opt_state=opt_state,
+    )
+
+
 def train_state_shardings(abstract: TrainState, p_shard: Any, tx, mesh: Mesh) -> TrainState:
     """Shardings of a TrainState: params, EMA and param-shaped optimizer leaves as ``p_shard``.
 
