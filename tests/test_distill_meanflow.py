@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 from gaussian import MU, S
+from gaussian import exact_edm_net as gaussian_exact_edm_net
 from tiny import run_sharded_steps
 
 from jaxdiff.diffusion import EDM
@@ -62,14 +63,7 @@ def exact_student(params, z, label, cond, aux_time):
     return u_exact(z, label - aux_time, label)
 
 
-def exact_edm_net(params, x_in, label, cond):
-    """Raw EDM network whose preconditioned denoiser is the Gaussian's exact D."""
-    del params, cond
-    sigma = jnp.exp(4.0 * label)
-    c = EDM_F.precondition(sigma)
-    x = x_in / expand_to(c.c_in, x_in)
-    d = MU + S**2 / expand_to(S**2 + sigma**2, x) * (x - MU)
-    return (d - expand_to(c.c_skip, x) * x) / expand_to(c.c_out, x)
+exact_edm_net = gaussian_exact_edm_net(EDM_F)
 
 
 def _points(n=64, seed=0):
