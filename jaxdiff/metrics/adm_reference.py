@@ -22,7 +22,7 @@ from jaxdiff.metrics.adm_batches import save_adm_reference
 from jaxdiff.metrics.evaluator import Evaluator
 from jaxdiff.metrics.inception import load_inception_variables
 from jaxdiff.metrics.inception_eval import INCEPTION_FEATURE, inception_feature_fn
-from jaxdiff.metrics.streaming import reference_statistics
+from jaxdiff.metrics.streaming import read_batch, reference_statistics
 from jaxdiff.parallel import is_main_process
 
 ADM_REFERENCE_SIZE = 10_000
@@ -51,12 +51,7 @@ def to_uint8_rgb(images: Any) -> np.ndarray:
 def _read_images(source: Any, num: int, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
     images, labels = [], []
     for start in range(0, num, batch_size):
-        idx = np.arange(start, min(start + batch_size, num))
-        if hasattr(source, "get_batch"):
-            batch = source.get_batch(idx)
-        else:
-            examples = [source[int(i)] for i in idx]
-            batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+        batch = read_batch(source, np.arange(start, min(start + batch_size, num)))
         images.append(to_uint8_rgb(batch["image"]))
         if "label" in batch:
             labels.append(np.asarray(batch["label"]).reshape(-1))

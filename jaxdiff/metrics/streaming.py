@@ -123,12 +123,16 @@ class _Images:
         return {"image": self._images[indices]}
 
 
-def _read(source: Any, indices: np.ndarray) -> np.ndarray:
-    """The ``"image"`` arrays of ``indices``: one ``get_batch`` call when there is one."""
+def read_batch(source: Any, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """The examples ``indices`` of a source, stacked: one ``get_batch`` call when there is one."""
     if hasattr(source, "get_batch"):
-        batch = source.get_batch(indices)
-    else:
-        batch = stack_examples([source[int(i)] for i in indices])
+        return source.get_batch(indices)
+    return stack_examples([source[int(i)] for i in indices])
+
+
+def _read(source: Any, indices: np.ndarray) -> np.ndarray:
+    """The ``"image"`` arrays of ``indices``."""
+    batch = read_batch(source, indices)
     if "image" not in batch:
         raise ValueError(f"the source's examples have no 'image' key (keys: {sorted(batch)})")
     return np.asarray(batch["image"])
