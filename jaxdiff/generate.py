@@ -55,6 +55,7 @@ def make_generate_fn(
     guidance: Guidance | None,
     sample_shape: tuple[int, ...],
     num_classes: int,
+    model_kwargs: dict | None = None,
 ) -> Callable[[Any, jax.Array | None, jax.Array], tuple[jax.Array, dict]]:
     """Returns ``generate(params, labels, keys) -> (images, aux)`` (jit it at the call site).
 
@@ -69,12 +70,15 @@ def make_generate_fn(
         guidance: guidance or None (the null class is label ``num_classes``).
         sample_shape: shape of one sample, e.g. ``(8, 8, 1)``.
         num_classes: number of classes (0 = unconditional; ``labels`` is then ignored).
+        model_kwargs: static keyword arguments of every network call (e.g. a
+            guidance-distilled student's ``aux_time``).
     """
     sigmas = jnp.asarray(sigmas, jnp.float32)
+    model_kwargs = dict(model_kwargs or {})
 
     def generate(params, labels, keys):
         cond, uncond = class_conditions(labels, num_classes)
-        den = model_denoiser(model, formulation, params)
+        den = model_denoiser(model, formulation, params, **model_kwargs)
         return sample(
             den,
             start_noise(keys, sample_shape),

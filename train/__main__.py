@@ -2,7 +2,8 @@
 
 This file is intentionally short; the runs live in :mod:`jaxdiff.experiment`, so
 notebooks can call ``train_and_evaluate(config, workdir)`` directly. ``config.method``
-picks the run: diffusion training (default), ``"distill"`` or ``"classifier"``. With no
+picks the run: diffusion training (default), a distillation method (``fdistill``, ``cd``,
+``ct``, ``scm``, ``meanflow``, ``progressive``, ``guidance_distill``) or ``"classifier"``. With no
 flags it trains the class-conditional digits model into ``runs/digits``. A bad flag,
 config value or workdir is one line on stderr and exit code 2 (``--debug`` shows the
 traceback).

@@ -16,6 +16,9 @@ Pure losses and step builders live one concept per module:
 * :mod:`~jaxdiff.distill.trigflow`, :mod:`~jaxdiff.distill.scm`: TrigFlow and
   continuous-time consistency (sCD / sCT);
 * :mod:`~jaxdiff.distill.meanflow`: MeanFlow's average-velocity model;
+* :mod:`~jaxdiff.distill.progressive`: progressive distillation (halve the steps a round);
+* :mod:`~jaxdiff.distill.guidance_distill`: guidance distillation (CFG at scale ``w`` in
+  one evaluation, ``w`` a network input);
 * the config-driven run, ``distill_and_evaluate(config, workdir)``, is in
   :mod:`jaxdiff.experiment.distill`.
 """
@@ -48,17 +51,36 @@ from jaxdiff.distill.fdistill import (
 )
 from jaxdiff.distill.fdistill_losses import critic_loss, generator_loss
 from jaxdiff.distill.few_step import backward_simulate, few_step_sample, student_sigmas
+from jaxdiff.distill.guidance_distill import (
+    GuidanceDistillConfig,
+    GuidanceDistillState,
+    graft_params,
+    guidance_distill_state_shardings,
+    guided_student_denoiser,
+    init_guidance_distill_state,
+    make_guidance_distill_step,
+)
 from jaxdiff.distill.heads import HEAD_FORMS
 from jaxdiff.distill.hybrid import hybrid_sample
 from jaxdiff.distill.losses import dmd2_loss, gan_d_loss, gan_g_loss, vsd_loss
 from jaxdiff.distill.meanflow import (
     MeanFlowConfig,
     MeanFlowState,
+    denoiser_velocity,
     init_meanflow_state,
     make_meanflow_step,
     sample_meanflow,
 )
 from jaxdiff.distill.pool import per_head
+from jaxdiff.distill.progressive import (
+    ProgressiveConfig,
+    ProgressiveState,
+    init_progressive_state,
+    make_progressive_step,
+    progressive_sigmas,
+    progressive_state_shardings,
+    sample_progressive,
+)
 from jaxdiff.distill.ratio import (
     TIME_BIN_COORDINATES,
     bin_coordinate,
@@ -70,6 +92,21 @@ from jaxdiff.distill.scm import SCMConfig, SCMState, init_scm_state, make_scm_st
 from jaxdiff.distill.trigflow import sigma_from_trig, teacher_velocity, trig_from_sigma
 
 __all__ = [
+    "GuidanceDistillConfig",
+    "GuidanceDistillState",
+    "ProgressiveConfig",
+    "ProgressiveState",
+    "denoiser_velocity",
+    "graft_params",
+    "guidance_distill_state_shardings",
+    "guided_student_denoiser",
+    "init_guidance_distill_state",
+    "init_progressive_state",
+    "make_guidance_distill_step",
+    "make_progressive_step",
+    "progressive_sigmas",
+    "progressive_state_shardings",
+    "sample_progressive",
     "CDConfig",
     "CDState",
     "CTConfig",

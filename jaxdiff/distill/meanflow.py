@@ -166,6 +166,36 @@ def flow_velocity(denoise: Denoiser, z: jax.Array, t: jax.Array, cond: Any) -> j
     return (z - x0) / expand_to(t, z)
 
 
+def denoiser_velocity(net_apply: NetApply, formulation: Formulation) -> NetApply:
+    """MeanFlow's ``u`` network read through a denoiser's formulation (label scale 1).
+
+    ``u(z, r, t) = (z - D(z / (1 - t), t / (1 - t); aux_time = t - r)) / t`` with ``D`` the
+    ``formulation``'s denoiser around ``net_apply``. A student built from a teacher's
+    weights (plus the zero-initialised ``aux_time`` embedding) then starts as the teacher's
+    marginal velocity :func:`flow_velocity` for every ``r``, and one MeanFlow jump
+    ``z_r = z_t - (t - r) u`` is exactly one Euler (DDIM) step of ``D`` from
+    ``sigma_t = t / (1 - t)`` to ``sigma_r``. ``t`` must lie in ``(0, 1)``.
+
+    Args:
+        net_apply: ``apply(params, x_in, noise_label, cond, aux_time=...) -> F``.
+        formulation: the formulation ``F`` is read under (the teacher's).
+
+    Returns:
+        ``apply(params, z, t, cond, aux_time=t - r) -> u``, as :func:`average_velocity` calls it.
+    """
+
+    def apply(params, z, t, cond, aux_time=None):
+        def net(x_in, noise_label, c):
+            return net_apply(params, x_in, noise_label, c, aux_time=aux_time)
+
+        t = jnp.asarray(t, jnp.float32)
+        x = z / expand_to(1.0 - t, z)
+        x0 = formulation.denoise(net, x, flow_t_to_sigma(t), cond)
+        return (z - x0.astype(jnp.float32)) / expand_to(t, z)
+
+    return apply
+
+
 def adaptive_loss(err: jax.Array, cfg: MeanFlowConfig) -> tuple[jax.Array, jax.Array]:
     """``(mean(sg(w) ||err||^2), mean ||err||^2)`` with ``w = 1 / (||err||^2 + c)^p``."""
     flat = err.reshape(err.shape[0], -1) ** 2
@@ -315,6 +345,7 @@ __all__ = [
     "MeanFlowState",
     "adaptive_loss",
     "average_velocity",
+    "denoiser_velocity",
     "flow_velocity",
     "init_meanflow_state",
     "make_meanflow_step",

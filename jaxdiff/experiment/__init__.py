@@ -21,7 +21,7 @@ import ml_collections
 from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.experiment.builders import PRECISIONS, Precision, build_precision
 from jaxdiff.experiment.classifier import train_classifier, train_digits_classifier
-from jaxdiff.experiment.distill import distill_and_evaluate
+from jaxdiff.experiment.distill import DISTILL_METHODS, distill_and_evaluate
 from jaxdiff.experiment.evaluate import build_evaluator, evaluator_options, sample_and_evaluate
 from jaxdiff.experiment.generation import (
     generate_fn,
@@ -51,6 +51,7 @@ from jaxdiff.experiment.train import (
 METHODS = {
     "train": train_and_evaluate,
     "distill": distill_and_evaluate,
+    **{name: distill_and_evaluate for name in DISTILL_METHODS},
     "classifier": train_classifier,
 }
 """``config.method`` -> the run it selects (``"train"`` when the key is absent)."""

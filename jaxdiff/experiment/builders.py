@@ -28,6 +28,7 @@ from jaxdiff.data import (
     random_flip,
 )
 from jaxdiff.diffusion import Formulation, get_formulation
+from jaxdiff.distill.consistency_core import ConsistencyFormulation
 from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.models import create_model
 from jaxdiff.parallel import batch_size_per_device_check, make_mesh
@@ -124,9 +125,24 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
     return create_model(config.model.name, num_classes=num_classes, **kwargs)
 
 
+CONSISTENCY_KEY = "consistency"
+"""``config.formulation.consistency = {"sigma_min", "sigma_data"}`` marks a consistency
+student: the formulation is wrapped in
+:class:`~jaxdiff.distill.consistency_core.ConsistencyFormulation` (``f(x, sigma_min) = x``)."""
+
+
 def build_formulation(config: ml_collections.ConfigDict) -> Formulation:
-    """The formulation of ``config.formulation`` (``name`` plus its fields)."""
-    return get_formulation(config.formulation.name, **_section_kwargs(config.formulation))
+    """The formulation of ``config.formulation`` (``name`` plus its fields).
+
+    A consistency student's section also holds ``consistency`` (:data:`CONSISTENCY_KEY`):
+    its base formulation is then wrapped so it denoises exactly as it was trained.
+    """
+    kwargs = _section_kwargs(config.formulation)
+    consistency = kwargs.pop(CONSISTENCY_KEY, None)
+    base = get_formulation(config.formulation.name, **kwargs)
+    if consistency is None:
+        return base
+    return ConsistencyFormulation(base, **dict(consistency))
 
 
 def build_optimizer(
@@ -404,6 +420,7 @@ __all__ = [
     "build_precision",
     "compute_dtype",
     "build_data",
+    "CONSISTENCY_KEY",
     "build_formulation",
     "build_mesh",
     "build_model",

@@ -11,18 +11,27 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.distill.hybrid import make_hybrid_generate_fn
+from jaxdiff.distill.meanflow import MeanFlowConfig, denoiser_velocity, sample_meanflow
 from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.experiment.runs import TrainedModel
-from jaxdiff.experiment.sampling import SamplerSpec, trained_levels
-from jaxdiff.generate import make_generate_fn
+from jaxdiff.experiment.sampling import MEANFLOW, RENOISE, SamplerSpec, trained_levels
+from jaxdiff.generate import class_conditions, make_generate_fn
 from jaxdiff.parallel import make_sharded_generate
+from jaxdiff.utils.rng import start_noise
 
 
 def generate_fn(run: TrainedModel, spec: SamplerSpec) -> Callable[..., tuple[jax.Array, dict]]:
-    """``generate(params, labels, keys) -> (samples, aux)`` of a run and a sampler spec."""
+    """``generate(params, labels, keys) -> (samples, aux)`` of a run and a sampler spec.
+
+    A MeanFlow student's own recipe (solver ``meanflow``) runs its average-velocity jumps
+    (:func:`meanflow_generate_fn`); every other spec runs the scan sampler.
+    """
+    if spec.solver_spec.partition(":")[0].strip().lower() == MEANFLOW:
+        return meanflow_generate_fn(run, spec)
     return make_generate_fn(
         run.model,
         run.formulation,
@@ -31,7 +40,39 @@ def generate_fn(run: TrainedModel, spec: SamplerSpec) -> Callable[..., tuple[jax
         guidance=spec.guidance,
         sample_shape=run.sample_shape,
         num_classes=run.num_classes,
+        model_kwargs=spec.model_kwargs,
     )
+
+
+def meanflow_generate_fn(run: TrainedModel, spec: SamplerSpec) -> Callable[..., tuple]:
+    """``generate(params, labels, keys)`` of a MeanFlow student over ``spec.sigmas``.
+
+    The levels are EDM sigmas; the jumps run between their flow times ``t = s / (1 + s)``
+    from ``z = t_0 noise`` (the EDM start ``x = s_0 noise``) down to ``t = 0``, with ``u``
+    read through the run's formulation (:func:`jaxdiff.distill.meanflow.denoiser_velocity`).
+    Deterministic: one network evaluation per level, no guidance.
+    """
+    if spec.guidance is not None:
+        raise InvalidArgumentError(
+            f"guidance {spec.guidance_spec!r}: a MeanFlow student samples unguided; pass "
+            "--guidance=none"
+        )
+    sigmas = np.asarray(spec.sigmas, np.float64)
+    times = tuple(float(s / (1.0 + s)) for s in sigmas)
+
+    def net(params, *args, **kwargs):
+        return run.model.apply({"params": params}, *args, **kwargs)
+
+    apply = denoiser_velocity(net, run.formulation)
+    cfg = MeanFlowConfig(label_scale=1.0)
+
+    def generate(params, labels, keys):
+        cond, _ = class_conditions(labels, run.num_classes)
+        noise = start_noise(keys, run.sample_shape)
+        x = sample_meanflow(apply, params, times[0] * noise, cond, cfg=cfg, times=times)
+        return x, {"nfe": jnp.int32(len(times) - 1)}
+
+    return generate
 
 
 def _draw(generate, params, shardings, mesh, *, num, labels, seed, batch_size):
@@ -88,6 +129,12 @@ def student_levels(student: TrainedModel) -> np.ndarray:
         InvalidArgumentError: if ``student`` is not a few-step student run.
     """
     levels = trained_levels(student.config)
+    if levels is not None and str(student.config.sample.solver).strip().lower() != RENOISE:
+        raise InvalidArgumentError(
+            f"--student: the hybrid sampler hands over to a re-noising student (solver "
+            f"'renoise'), and this one samples with {student.config.sample.solver!r}; pass an "
+            "f-distill, CT or sCM student"
+        )
     if levels is None:
         raise InvalidArgumentError(
             "--student must be a few-step distilled student (its config.sample.sigmas holds "
@@ -151,4 +198,10 @@ def hybrid_generate_samples(
     )
 
 
-__all__ = ["generate_fn", "generate_samples", "hybrid_generate_samples", "student_levels"]
+__all__ = [
+    "generate_fn",
+    "generate_samples",
+    "hybrid_generate_samples",
+    "meanflow_generate_fn",
+    "student_levels",
+]

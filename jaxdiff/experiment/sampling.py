@@ -6,13 +6,20 @@ evaluation and ``sample_and_evaluate`` all call it, so every guidance method (au
 with ``guide=WORKDIR`` and the classifier methods with ``classifier=PATH`` included) is
 reachable the same way from the command line, from ``config.sample`` and in training.
 
-A few-step distilled student stores its own recipe in ``config.sample``: ``solver =
-"renoise"`` and ``sigmas``, the K levels it was trained at (:func:`student_sample_recipe`).
-With that solver :func:`resolve_sampler` samples at those levels, ``k <= K`` steps at
-``k`` of them (:func:`jaxdiff.distill.few_step.level_indices`), never at others; any other
-solver (``--solver=heun``) samples over Karras levels as for every run. Students saved
-before they stored the recipe get it from their ``distill_config``
-(:func:`with_student_recipe`, applied by ``load_run``).
+A few-step distilled student stores its own recipe in ``config.sample``: its solver
+(``"renoise"`` for f-distill, consistency and sCM students, ``"euler"`` for progressive
+distillation, ``"meanflow"`` for MeanFlow) and ``sigmas``, the K levels it was trained at
+(:func:`student_sample_recipe`). With its own solver :func:`resolve_sampler` samples at
+those levels, ``k <= K`` steps at ``k`` of them
+(:func:`jaxdiff.distill.few_step.level_indices`), never at others; another solver
+(``--solver=heun``) samples over Karras levels as for every run. Students saved before
+they stored the recipe get it from their ``distill_config`` (:func:`with_student_recipe`,
+applied by ``load_run``).
+
+A guidance-distilled student (``sample.guidance_input = "aux_time"``) takes the CFG scale
+as a network input: ``--guidance=cfg:W`` becomes ``aux_time = aux_scale * W`` in one
+evaluation per step (``none`` is ``W = 1``, the conditional model), in
+:attr:`SamplerSpec.model_kwargs`.
 """
 
 from __future__ import annotations
@@ -42,6 +49,14 @@ RENOISE = "renoise"
 FEW_STEP_METHODS = ("distill", "fdistill")
 """``distill_config.method`` of runs whose students sample with the re-noising recipe."""
 
+MEANFLOW = "meanflow"
+"""MeanFlow students' sampler: jumps ``z_r = z_t - (t - r) u(z_t, r, t)`` between its
+stored levels (not a denoiser solver; :mod:`jaxdiff.experiment.generation` runs it)."""
+
+GUIDANCE_INPUT = "aux_time"
+"""``config.sample.guidance_input`` of a guidance-distilled student: CFG's scale is fed to
+the network as ``aux_time``."""
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
@@ -55,7 +70,9 @@ class SamplerSpec:
         guidance_spec: the guidance as text, e.g. ``"cfg:2.0"`` or ``"none"``.
         rho: the Karras schedule's warping.
         trained_levels: a few-step student's K trained levels when ``sigmas`` are chosen
-            from them (the ``renoise`` recipe), else None (Karras levels).
+            from them (its stored recipe), else None (Karras levels).
+        model_kwargs: static keyword arguments of the network's apply (a guidance-distilled
+            student's ``aux_time``).
     """
 
     solver: Solver
@@ -65,6 +82,7 @@ class SamplerSpec:
     guidance_spec: str
     rho: float
     trained_levels: np.ndarray | None = None
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
 
     @property
     def steps(self) -> int:
@@ -81,9 +99,10 @@ class SamplerSpec:
                 if self.steps == len(self.trained_levels)
                 else f"levels {used} of the student's trained {trained}"
             )
+            fresh = "; fresh noise between steps" if self.solver.stochastic else ""
             return (
-                f"solver {self.solver_spec}, {self.steps} steps ({which}; fresh noise "
-                f"between steps), guidance {self.guidance_spec}"
+                f"solver {self.solver_spec}, {self.steps} steps ({which}{fresh}), "
+                f"guidance {self.guidance_spec}"
             )
         return (
             f"solver {self.solver_spec}, {self.steps} steps (Karras sigmas "
@@ -95,10 +114,16 @@ class SamplerSpec:
 def build_solver(spec: str) -> Solver:
     """A solver from ``NAME[:key=value,...]``, e.g. ``"heun"`` or ``"ddim:eta=1"``.
 
+    ``"meanflow"`` gives the Euler solver as a stand-in (a MeanFlow student's jumps are
+    Euler steps of its denoiser with ``aux_time``; :mod:`jaxdiff.experiment.generation`
+    runs them).
+
     Raises:
         InvalidArgumentError: for an unknown solver or bad arguments.
     """
     name, args, kwargs = parse_spec(spec)
+    if name == MEANFLOW and not args and not kwargs:
+        return get_solver("euler")
     return get_solver(name, *args, **kwargs)
 
 
@@ -261,14 +286,25 @@ def resolve_sampler(
         )
     built_solver = build_solver(solver_spec)
     guidance_spec = str(sc.guidance if guidance is None else guidance)
-    built = build_guidance(guidance_spec)
+    model_kwargs = {}
+    if sc.get("guidance_input") == GUIDANCE_INPUT:
+        built, scale = None, _distilled_scale(guidance_spec)
+        model_kwargs["aux_time"] = float(sc.get("aux_scale", 1.0)) * scale
+        guidance_spec = f"cfg:{scale:g} (the student's input, one evaluation a step)"
+    else:
+        built = build_guidance(guidance_spec)
     if built is not None and num_classes == 0:
         built, guidance_spec = None, "none (unconditional model)"
-    elif built is None:
+    elif built is None and not model_kwargs:
         guidance_spec = "none"
     trained = sc.get("sigmas")
-    name = solver_spec.partition(":")[0].strip().lower()
-    if trained is not None and name == RENOISE:
+    name = _solver_name(solver_spec)
+    if name == MEANFLOW and trained is None:
+        raise InvalidArgumentError(
+            "solver 'meanflow' samples a MeanFlow student at its stored levels, and this "
+            "run has none (config.sample.sigmas): pass --solver=heun (or euler) instead"
+        )
+    if trained is not None and name == _solver_name(str(sc.solver)):
         trained = np.asarray(trained, np.float32).reshape(-1)
         sigmas = _trained_schedule(trained, num_steps)
     else:
@@ -282,7 +318,30 @@ def resolve_sampler(
         guidance_spec=guidance_spec,
         rho=float(sc.rho),
         trained_levels=trained,
+        model_kwargs=model_kwargs,
     )
+
+
+def _solver_name(spec: str) -> str:
+    return spec.partition(":")[0].strip().lower()
+
+
+def _distilled_scale(spec: str) -> float:
+    """The CFG scale a guidance-distilled student is asked for: ``cfg:W`` or ``none`` (1)."""
+    name, args, kwargs = parse_spec(spec)
+    if name == "none":
+        return 1.0
+    values = [*args, *kwargs.values()]
+    if name != "cfg" or len(values) != 1:
+        raise InvalidArgumentError(
+            f"guidance {spec!r} on a guidance-distilled student: it has CFG built in and "
+            "takes only --guidance=cfg:W (W its scale, one evaluation a step) or "
+            "--guidance=none (W = 1)"
+        )
+    try:
+        return float(values[0])
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"guidance {spec!r}: the scale must be a number") from None
 
 
 def _trained_schedule(levels: np.ndarray, num_steps: int) -> np.ndarray:

@@ -1,12 +1,17 @@
-"""Distils the digits teacher into a one-step student with f-distill (DMD2 for ``rkl``).
+"""Distils the digits teacher into a few-step student, with any of seven methods.
 
 Usage::
 
     python -m train --config=train/configs/distill_digits.py \
-        --config.teacher=runs/digits --workdir=runs/digits_student
-    python -m sample --workdir=runs/digits_student --steps=1
+        --config.teacher=runs/digits --workdir=runs/digits_student [--config.method=NAME]
+    python -m sample --workdir=runs/digits_student          # samples as it was trained
 
-Sized for a 2-core CPU (a few minutes). See docs/distillation.md for the knobs.
+``config.method``: ``fdistill`` (f-distill, DMD2 for ``rkl``; the default), ``cd``
+(consistency distillation), ``ct`` (ECT consistency training), ``scm`` (continuous-time
+consistency, sCD), ``meanflow``, ``progressive`` or ``guidance_distill``. Each method's
+knobs are the section of its name (f-distill's is ``distill``); its ``num_steps`` is the
+default budget, sized to finish within 10 minutes on a 2-core CPU. See
+docs/distillation.md and docs/few_step.md.
 """
 
 import ml_collections
@@ -16,11 +21,12 @@ from train.configs.common import base_config
 
 def get_config():
     c = base_config()
-    c.method = "distill"
+    c.method = "fdistill"
     c.teacher = ml_collections.FieldReference(None, field_type=str)  # the teacher's workdir
     c.teacher_ema = "default"  # "default" (its first EMA), a rate like "0.999", or "none"
 
-    d = c.distill = ml_collections.ConfigDict()
+    d = c.distill = ml_collections.ConfigDict()  # method "fdistill"
+    d.num_steps = 720  # iterations (critic + generator updates), ~6 min at 2 it/s
     d.divergence = "rkl"  # rkl (= DMD2), srkl, js, sh, fkl, jeffreys, alpha:A
     d.gan_weight = 1e-3  # lambda_GAN of the generator
     d.disc_weight = 1.0  # weight of the discriminator loss in the critic loss
@@ -58,12 +64,15 @@ def get_config():
     c.critic_optim = ml_collections.ConfigDict(c.optim.to_dict())
     c.critic_optim.learning_rate = 2e-4
 
-    c.train.num_steps = 600  # total iterations (critic + generator)
+    # None: the method's own budget, config.<method>.num_steps.
+    c.train.num_steps = ml_collections.FieldReference(None, field_type=int)
     c.train.batch_size = 64
     c.train.ema_rates = (0.99,)
     c.train.log_every = 50
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
+
+    add_few_step_methods(c)
 
     c.sample.solver = "euler"
     c.sample.steps = 1
@@ -71,3 +80,68 @@ def get_config():
     c.sample.grid_size = 100
     c.sample.grid_scale = 4
     return c
+
+
+def add_few_step_methods(c: ml_collections.ConfigDict) -> None:
+    """The sections of the consistency family, MeanFlow, progressive and guidance distillation.
+
+    ``sample_levels`` is K, the levels stored in the student's sampling recipe, and
+    ``sample_steps`` how many of them ``python -m sample`` uses by default;
+    ``learning_rate``, where set, replaces ``config.optim.learning_rate`` for that method.
+    """
+    # Consistency distillation (Song et al. 2023); Heun teacher steps on N Karras levels.
+    c.cd = ml_collections.ConfigDict()
+    c.cd.num_steps = 360  # ~6 min at 1 step/s (a Heun teacher step per update)
+    c.cd.num_levels = 18
+    c.cd.sigma_min = 0.002
+    c.cd.solver = "heun"
+    c.cd.metric = "l2"
+    c.cd.weighting = "uniform"
+    c.cd.target_ema = 0.95
+    c.cd.sample_levels = 4
+    c.cd.sample_steps = 1
+    # Consistency training, ECT's form (no teacher calls; tuned from the teacher's weights).
+    c.ct = ml_collections.ConfigDict()
+    c.ct.num_steps = 1300  # ~6 min at 3.7 steps/s
+    c.ct.stage_length = 200  # the gap t - r halves every stage
+    c.ct.q = 2.0
+    c.ct.sigma_min = 0.0
+    c.ct.metric = "pseudo_huber"
+    c.ct.weighting = "inverse_dt"
+    c.ct.sample_levels = 4
+    c.ct.sample_steps = 1
+    # sCM (TrigFlow, sCD with the teacher's velocity; mode="train" is sCT).
+    c.scm = ml_collections.ConfigDict()
+    c.scm.num_steps = 950  # ~6 min at 2.6 steps/s
+    c.scm.mode = "distill"
+    c.scm.tangent_warmup_steps = 200
+    c.scm.weighting = "learned"
+    c.scm.p_mean = -1.0
+    c.scm.p_std = 1.4
+    c.scm.sample_levels = 4
+    c.scm.sample_steps = 1
+    # MeanFlow with the teacher's velocity (velocity="data" trains from data alone).
+    c.meanflow = ml_collections.ConfigDict()
+    c.meanflow.num_steps = 850  # ~6 min at 2.3 steps/s
+    c.meanflow.learning_rate = 3e-4  # replaces config.optim's for this method
+    c.meanflow.velocity = "teacher"
+    c.meanflow.ratio_r_neq_t = 0.75
+    c.meanflow.logit_mean = -0.4
+    c.meanflow.logit_std = 1.0
+    c.meanflow.norm_p = 1.0
+    c.meanflow.sample_levels = 4
+    c.meanflow.sample_steps = 1
+    # Progressive distillation: 16 Euler steps halved each round down to 16 / 2^rounds.
+    c.progressive = ml_collections.ConfigDict()
+    c.progressive.num_steps = 800  # ~6 min at 2.4 steps/s
+    c.progressive.start_steps = 16
+    c.progressive.rounds = 4
+    c.progressive.steps_per_round = 200
+    c.progressive.learning_rate = 3e-4
+    # Guidance distillation: one student evaluation = CFG at the scale w it is given.
+    c.guidance_distill = ml_collections.ConfigDict()
+    c.guidance_distill.num_steps = 850  # ~6 min at 2.4 steps/s
+    c.guidance_distill.learning_rate = 3e-4
+    c.guidance_distill.w_min = 1.0
+    c.guidance_distill.w_max = 4.0
+    c.guidance_distill.sample_scale = 2.0  # the recipe's default --guidance=cfg:W
