@@ -300,10 +300,20 @@ def test_ct_steps_follow_the_stage_and_stay_finite():
     tx = optax.adam(1e-3)
     batch = data_batch()
     state = init_ct_state(None, init_mlp(batch["image"]), tx, cfg)
-    step = jax.jit(make_ct_step(mlp_apply, None, EDM(), cfg, tx))
+    step_fn = make_ct_step(mlp_apply, None, EDM(), cfg, tx)
+    step = jax.jit(step_fn)
     stages = []
     for _ in range(3):
         state, metrics = step(state, None, batch, jax.random.key(2))
         stages.append(float(metrics["stage"]))
         assert all(np.isfinite(float(v)) for v in metrics.values()), metrics
     assert stages == [0.0, 1.0, 2.0] and int(state.gen.step) == 3
+    # Sharded over the 8 test devices, across a stage change, equals one device.
+    from tests.tiny import run_sharded_steps
+
+    init = init_ct_state(None, init_mlp(batch["image"]), tx, cfg)
+    images = [batch["image"]] * 2
+    one = run_sharded_steps(make_mesh(devices=jax.devices()[:1]), step_fn, init, images)
+    eight = run_sharded_steps(make_mesh(), step_fn, init, images)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
