@@ -1,6 +1,6 @@
 """``--config.method=NAME``: every few-step method through the one distillation driver.
 
-A tiny teacher is trained once; each method then runs two steps through
+The session's tiny trained run is the teacher; each method runs two steps through
 ``distill_and_evaluate``, and its student is restored with ``load_run`` and sampled with
 the recipe it stored, as ``python -m sample`` would. Resume is exact for a method whose
 schedule lives in its state (progressive distillation's rounds, CD's target network).
@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 
 from jaxdiff.errors import InvalidArgumentError
-
-pytestmark = pytest.mark.xdist_group("distill_methods")
 
 # method -> (solver stored, steps sampled by default, NFE of that default); None = the
 # teacher's (a guidance-distilled student samples with the teacher's Heun steps).
@@ -29,16 +27,10 @@ RECIPES = {
 SLOW = ("ct", "scm", "progressive")
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    from jaxdiff.experiment import train_and_evaluate
-    from tests.tiny import tiny_config
-
-    path = tmp_path_factory.mktemp("teacher")
-    cfg = tiny_config(num_steps=2)
-    cfg.train.checkpoint_every = 2
-    train_and_evaluate(cfg, path)
-    return path
+@pytest.fixture
+def teacher_dir(trained_run):
+    """The session's tiny trained run (conftest), read-only: distillation only reads it."""
+    return trained_run
 
 
 def _config(teacher_dir, method, num_steps=2, grid=0):
