@@ -51,13 +51,20 @@ def _train_steps(mesh_kw, steps, tmp_path):
     return state, losses
 
 
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+    """Three single-device steps, the reference of every mesh below (computed once)."""
+    return _train_steps(dict(num_devices=1), 3, tmp_path_factory.mktemp("single"))
+
+
+@pytest.mark.xdist_group("parallel_single_device_reference")  # one worker computes it
 @pytest.mark.parametrize(
     "mesh_kw",
     [dict(data=8), dict(data=1, fsdp=8), dict(data=2, fsdp=2, tensor=2)],
     ids=["data8", "fsdp8", "mixed2x2x2"],
 )
-def test_sharded_step_equals_single_device(mesh_kw, tmp_path):
-    single, single_losses = _train_steps(dict(num_devices=1), 3, tmp_path)
+def test_sharded_step_equals_single_device(mesh_kw, tmp_path, single_device_run):
+    single, single_losses = single_device_run
     sharded, sharded_losses = _train_steps(mesh_kw, 3, tmp_path)
     # Only the order of floating-point reductions differs between meshes: losses agree to
     # float32 rounding. Params get an absolute tolerance of 5e-4 (a quarter of one lr=2e-3
