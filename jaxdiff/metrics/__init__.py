@@ -16,6 +16,11 @@ from jaxdiff.metrics.classifier import (
     DigitsClassifier,
     load_classifier,
 )
+from jaxdiff.metrics.diffusion_classifier import (
+    DiffusionClassifier,
+    classify,
+    evaluation_levels,
+)
 from jaxdiff.metrics.dinov2 import DINOv2ViT, dinov2_features, load_dinov2_params
 from jaxdiff.metrics.evaluate import (
     EVALUATORS,
@@ -65,6 +70,9 @@ from jaxdiff.metrics.toy import mmd, negative_log_likelihood, sliced_wasserstein
 from jaxdiff.metrics.weights import ChecksumMismatchError
 
 __all__ = [
+    "DiffusionClassifier",
+    "classify",
+    "evaluation_levels",
     "inception_logits",
     "inception_outputs",
     "load_inception_fc",
