@@ -9,7 +9,11 @@ flag overrides it, and prints the sampler it used. Writes a PNG grid and an .npz
 samples (float32 in [-1, 1], with labels); with ``--eval=NAME`` it also prints metrics of
 the samples (e.g. ``fd_digits``, ``toy``, or ADM's table ``fid,sfid,is,prec_recall``
 with ``--ref_batch``), one JSON line and one markdown row. Each sample is seeded by its index, so
-the same seed gives the same images at any batch size or device count. A distilled
+the same seed gives the same images at any batch size or device count.
+``--classify=PATH`` classifies images instead (an ``.npz`` with ``samples`` and optionally
+``labels``, or an image folder) with the run as a zero-shot diffusion classifier, writes
+the predictions beside ``--out`` (``*_classify.npz``) and prints the accuracy when labels
+are given. A distilled
 few-step student samples as it was trained (its stored ``renoise`` recipe at its trained
 levels; ``--steps=k`` takes k of them, at most K). ``--student=S --switch_step=k``
 samples the hybrid of diversity distillation: this run's first k steps, the last landing
@@ -109,6 +113,20 @@ _PRECISION = flags.DEFINE_enum(
     "Numerics preset (default: the run's config.precision): bf16 computes in bfloat16 "
     "with float32 params and sampler state; fp32 makes float32 matmuls exact on GPU/TPU.",
 )
+_CLASSIFY = flags.DEFINE_string(
+    "classify",
+    None,
+    "Classify these images with the run (diffusion classifier) instead of sampling: an .npz "
+    "with samples (and labels) or an image folder.",
+)
+_CLASSIFY_SCHEDULE = flags.DEFINE_string(
+    "classify_schedule",
+    "10:3,30:1",
+    "Stages N:K of --classify: levels by the end of the stage : classes kept (last keeps 1).",
+)
+_CLASSIFY_TRIALS = flags.DEFINE_integer(
+    "classify_trials", 1, "Noise draws per level of --classify (shared by all classes)."
+)
 _CACHE = flags.DEFINE_string(
     "compile_cache_dir",
     None,
@@ -174,6 +192,14 @@ def _check_flags(out: str) -> None:
             )
     if _SWITCH.value < 0:
         raise app.UsageError(f"--switch_step must be >= 0, got {_SWITCH.value}")
+    if _CLASSIFY.value:
+        if not (storage.isfile(_CLASSIFY.value) or storage.isdir(_CLASSIFY.value)):
+            raise app.UsageError(f"--classify={_CLASSIFY.value} does not exist")
+        if _CLASSIFY_TRIALS.value < 1:
+            raise app.UsageError(f"--classify_trials must be >= 1, got {_CLASSIFY_TRIALS.value}")
+        from jaxdiff.experiment.diffusion_classify import parse_schedule
+
+        parse_schedule(_CLASSIFY_SCHEDULE.value, _CLASSIFY_TRIALS.value)
     names = eval_names()
     from jaxdiff.experiment.evaluate import eval_request_problem
 
@@ -225,7 +251,30 @@ def main(argv):
     ema = None if _EMA.value == "none" else _EMA.value
     run = ex.load_run(_WORKDIR.value, ema=ema, mesh=mesh, precision=_PRECISION.value)
     with ex.build_precision(run.config).scope():
-        _sample(run, mesh, out)
+        if _CLASSIFY.value:
+            _classify(run, out)
+        else:
+            _sample(run, mesh, out)
+
+
+def _classify(run, out: str) -> None:
+    """Classifies the --classify images with ``run`` and writes the predictions."""
+    import numpy as np
+
+    from jaxdiff.experiment import diffusion_classify as dc
+
+    schedule = dc.parse_schedule(_CLASSIFY_SCHEDULE.value, _CLASSIFY_TRIALS.value)
+    images, labels = dc.read_classify_input(_CLASSIFY.value, run.sample_shape)
+    result = dc.classify_images(run, images, schedule, seed=_SEED.value, batch_size=_BATCH.value)
+    path = out[: -len(".png")] + "_classify.npz"
+    extra = {} if labels is None else {"labels": labels}
+    storage.save_npz(path, pred=result["pred"], errors=result["errors"], **extra)
+    line = {"classify": _CLASSIFY.value, "num": len(images), "schedule": _CLASSIFY_SCHEDULE.value}
+    line["trials"] = _CLASSIFY_TRIALS.value
+    if labels is not None:
+        line["accuracy"] = float(np.mean(result["pred"] == labels))
+    print(json.dumps(line))
+    print(f"wrote predictions of {len(images)} images to {path}")
 
 
 def _sample(run, mesh, out: str) -> None:
