@@ -142,6 +142,10 @@ def test_a_trained_run_classifies_npz_and_folders_at_any_batch_size(trained_run,
     b = classify_images(run, x, schedule, seed=1, batch_size=16)
     np.testing.assert_array_equal(a["pred"], b["pred"])
     np.testing.assert_allclose(a["errors"], b["errors"], rtol=1e-5)
+    # A cap on evaluations per call (10 classes x 4 levels = 40 per image) shrinks the
+    # batch to one image per device, with the same answers.
+    c = classify_images(run, x, schedule, seed=1, batch_size=16, max_evals=40)
+    np.testing.assert_array_equal(c["pred"], a["pred"])
     assert a["errors"].shape == (6, 10)
     # Three kept after the first stage: 7 classes keep their 2-level mean, 3 the 4-level one.
     # A folder of PNGs with integer class names reads as grey images labelled by the name.

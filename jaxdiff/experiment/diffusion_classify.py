@@ -83,6 +83,11 @@ def _read_folder(path: str, sample_shape: tuple[int, ...]) -> tuple[np.ndarray, 
     return images.astype(np.float32), labels
 
 
+MAX_EVALS_PER_CALL = 16384
+"""Network evaluations one compiled call may batch (images x classes x levels x trials):
+100 levels of 10 classes at 256 images would be 256,000, beyond a 24 GiB host."""
+
+
 def classify_images(
     run: TrainedModel,
     images: np.ndarray,
@@ -90,11 +95,14 @@ def classify_images(
     *,
     seed: int = 0,
     batch_size: int = 64,
+    max_evals: int = MAX_EVALS_PER_CALL,
 ) -> dict[str, np.ndarray]:
     """Classifies ``images`` with the run's denoiser on its mesh.
 
     Image ``j``'s draws come from ``fold_in(key(seed), j)``, so the answer does not depend
-    on ``batch_size`` or the device count.
+    on ``batch_size`` or the device count. A call takes at most ``batch_size`` images, and
+    fewer when ``classes x levels x trials`` evaluations per image would exceed
+    ``max_evals`` in one batch (at least one image per device).
 
     Returns:
         ``{"pred": [N] int32, "errors": [N, classes] float32}``.
@@ -116,6 +124,8 @@ def classify_images(
     mesh = run.mesh
     data = batch_sharding(mesh)
     devices = mesh.devices.size
+    per_image = run.num_classes * schedule.num_levels * schedule.trials
+    batch_size = min(batch_size, max(1, max_evals // per_image))
     batch = max(devices, -(-batch_size // devices) * devices)
 
     def fn(params, x, keys):
@@ -142,4 +152,4 @@ def classify_images(
     return {"pred": np.concatenate(preds), "errors": np.concatenate(errors)}
 
 
-__all__ = ["classify_images", "parse_schedule", "read_classify_input"]
+__all__ = ["MAX_EVALS_PER_CALL", "classify_images", "parse_schedule", "read_classify_input"]
