@@ -379,3 +379,20 @@ def batch_spec(bundle: Any, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     if augment_dim > 0:
         spec[AUGMENT_LABEL] = jax.ShapeDtypeStruct((batch_size, augment_dim), np.float32)
     return spec
+
+
+def save_labelled_rows(rows: Sequence[np.ndarray], names: Sequence[str], out: str) -> None:
+    """Saves one grid row per ``rows[i]`` (``[n, H, W, C]`` in [-1, 1]), named on the left."""
+    from PIL import Image, ImageDraw
+
+    from jaxdiff.utils.images import make_grid, upscale
+
+    grid = upscale(make_grid(np.concatenate(rows), nrow=len(rows[0])), 4)
+    label_w = 260
+    canvas = Image.new("RGB", (grid.shape[1] + label_w, grid.shape[0]), "white")
+    canvas.paste(Image.fromarray(grid), (label_w, 0))
+    draw = ImageDraw.Draw(canvas)
+    cell = grid.shape[0] / len(rows)
+    for i, name in enumerate(names):
+        draw.text((6, int(i * cell + cell / 2) - 6), name, fill="black")
+    canvas.save(out)

@@ -29,12 +29,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageDraw
 
-from benchmarks.common import smoke_workdir
+from benchmarks.common import save_labelled_rows, smoke_workdir
 from jaxdiff.experiment import generate_samples, load_run, resolve_sampler
 from jaxdiff.metrics.classifier import DigitsClassifier, classifier_model, save_classifier
-from jaxdiff.utils.images import make_grid, upscale
 
 # The rows --smoke samples, by method: the grid's own branches (the Euler row of CFG++, and
 # the Heun rows that load a second run and a classifier file).
@@ -125,15 +123,7 @@ def draw_grid(
         rows.append(x)
         names.append(f"{name} ({nfe} NFE)")
         print(f"{name:40s} nfe={nfe:4d}  {time.perf_counter() - start:5.1f} s")
-    grid = upscale(make_grid(np.concatenate(rows), nrow=len(labels)), 4)
-    label_w = 260
-    canvas = Image.new("RGB", (grid.shape[1] + label_w, grid.shape[0]), "white")
-    canvas.paste(Image.fromarray(grid), (label_w, 0))
-    draw = ImageDraw.Draw(canvas)
-    cell = grid.shape[0] / len(rows)
-    for i, name in enumerate(names):
-        draw.text((6, int(i * cell + cell / 2) - 6), name, fill="black")
-    canvas.save(out)
+    save_labelled_rows(rows, names, out)
     print(f"wrote {out}")
 
 

@@ -125,6 +125,23 @@ def test_guidance_grid_smoke(trained_run, tmp_path, capsys):
         assert image.size == (260 + 4 * (10 * 9 + 1), 4 * (3 * 9 + 1))
 
 
+def test_few_step_grid_takes_the_first_of_each_class(tmp_path):
+    import numpy as np
+
+    from benchmarks import few_step_grid
+    from jaxdiff.utils import storage
+
+    labels = np.arange(25) % 10
+    samples = np.broadcast_to(labels[:, None, None, None] / 10.0, (25, 8, 8, 1))
+    storage.save_npz(tmp_path / "a.npz", samples=samples, labels=labels)
+    picked = few_step_grid.first_of_each_class(str(tmp_path / "a.npz"))
+    np.testing.assert_allclose(picked[:, 0, 0, 0], np.arange(10) / 10.0)
+    out = tmp_path / "g.png"
+    few_step_grid.main([f"one={tmp_path / 'a.npz'}", f"two={tmp_path / 'a.npz'}", f"--out={out}"])
+    with Image.open(out) as image:  # 2 rows of 10 8x8 digits, 1 px apart, 4x; 260 px names
+        assert image.size == (260 + 4 * (10 * 9 + 1), 4 * (2 * 9 + 1))
+
+
 def test_input_pipeline_smoke(capsys):
     from benchmarks import input_pipeline
 
