@@ -56,6 +56,7 @@ from jaxdiff.samplers import Solver, get_solver
 from jaxdiff.training.state import (
     TrainState,
     apply_gradients,
+    copy_tree,
     create_train_state,
     train_state_shardings,
 )
@@ -193,10 +194,6 @@ class CTState:
     gen: TrainState
 
 
-def _copy(tree: Any) -> Any:
-    return jax.tree.map(jnp.array, tree)
-
-
 def init_cd_state(
     key: jax.Array,
     student_params: Any,
@@ -208,8 +205,8 @@ def init_cd_state(
     del key, cfg  # deterministic: the student starts from the given weights
     return CDState(
         step=jnp.zeros((), jnp.int32),
-        gen=create_train_state(_copy(student_params), tx, tuple(ema_rates)),
-        target=_copy(student_params),
+        gen=create_train_state(copy_tree(student_params), tx, tuple(ema_rates)),
+        target=copy_tree(student_params),
     )
 
 
@@ -290,7 +287,7 @@ def init_ct_state(
     del key, cfg
     return CTState(
         step=jnp.zeros((), jnp.int32),
-        gen=create_train_state(_copy(student_params), tx, tuple(ema_rates)),
+        gen=create_train_state(copy_tree(student_params), tx, tuple(ema_rates)),
     )
 
 

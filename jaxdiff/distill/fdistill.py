@@ -35,7 +35,7 @@ from jaxdiff.distill.features import DenoiseFeats
 from jaxdiff.distill.heads import HEAD_FORMS, DiscHead
 from jaxdiff.distill.ratio import TIME_BIN_COORDINATES
 from jaxdiff.parallel import batch_sharding, replicated
-from jaxdiff.training.state import TrainState, train_state_shardings, update_ema
+from jaxdiff.training.state import TrainState, copy_tree, train_state_shardings, update_ema
 
 EXTRACTORS = ("teacher", "fake", "input")
 R1_PERTURBS = ("noised", "clean")
@@ -238,12 +238,11 @@ def init_distill_state(
 
     tx_gen, tx_fake, tx_disc = txs
     tx_disc = pool_lib.per_head(tx_disc)
-    copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731
     return DistillState(
         step=jnp.zeros((), jnp.int32),
-        gen=create_train_state(copy(gen_params), tx_gen, ema_rates),
-        fake=create_train_state(copy(fake_params), tx_fake, ()),
-        disc=create_train_state(copy(pool_params), tx_disc, ()),
+        gen=create_train_state(copy_tree(gen_params), tx_gen, ema_rates),
+        fake=create_train_state(copy_tree(fake_params), tx_fake, ()),
+        disc=create_train_state(copy_tree(pool_params), tx_disc, ()),
         bin_means=jnp.ones((cfg.num_time_bins,), jnp.float32),
     )
 

@@ -45,6 +45,7 @@ from jaxdiff.parallel import replicated
 from jaxdiff.training.state import (
     TrainState,
     apply_gradients,
+    copy_tree,
     create_train_state,
     train_state_shardings,
 )
@@ -183,7 +184,7 @@ def init_guidance_distill_state(
     ``key`` and ``cfg`` are unused: the student starts from the given weights.
     """
     del key, cfg
-    copy = jax.tree.map(jnp.array, student_params)
+    copy = copy_tree(student_params)
     return GuidanceDistillState(
         step=jnp.zeros((), jnp.int32), gen=create_train_state(copy, tx, tuple(ema_rates))
     )

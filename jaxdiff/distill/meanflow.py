@@ -44,7 +44,7 @@ import optax
 
 from jaxdiff.diffusion.conversions import flow_t_to_sigma
 from jaxdiff.diffusion.formulation import Denoiser, Formulation, expand_to
-from jaxdiff.training.state import TrainState, apply_gradients, create_train_state
+from jaxdiff.training.state import TrainState, apply_gradients, copy_tree, create_train_state
 
 NetApply = Callable[..., jax.Array]
 """``apply(params, x_in, noise_label, cond, **kwargs) -> network output``."""
@@ -213,9 +213,9 @@ def init_meanflow_state(
 ) -> MeanFlowState:
     """Initial state (``key`` and ``cfg`` are unused: one network, no extra params)."""
     del key, cfg
-    copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731
     return MeanFlowState(
-        step=jnp.zeros((), jnp.int32), gen=create_train_state(copy(student_params), tx, ema_rates)
+        step=jnp.zeros((), jnp.int32),
+        gen=create_train_state(copy_tree(student_params), tx, ema_rates),
     )
 
 

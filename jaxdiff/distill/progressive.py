@@ -52,6 +52,7 @@ from jaxdiff.parallel import replicated
 from jaxdiff.training.state import (
     TrainState,
     apply_gradients,
+    copy_tree,
     create_train_state,
     train_state_shardings,
 )
@@ -186,10 +187,6 @@ class ProgressiveState:
     teacher: Any
 
 
-def _copy(tree: Any) -> Any:
-    return jax.tree.map(jnp.array, tree)
-
-
 def init_progressive_state(
     key: jax.Array,
     student_params: Any,
@@ -207,8 +204,8 @@ def init_progressive_state(
         raise ValueError("teacher_from_ema=True needs an EMA: pass ema_rates, e.g. (0.999,)")
     return ProgressiveState(
         step=jnp.zeros((), jnp.int32),
-        gen=create_train_state(_copy(student_params), tx, tuple(ema_rates)),
-        teacher=_copy(student_params),
+        gen=create_train_state(copy_tree(student_params), tx, tuple(ema_rates)),
+        teacher=copy_tree(student_params),
     )
 
 

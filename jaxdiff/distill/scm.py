@@ -51,7 +51,7 @@ from jaxdiff.distill.trigflow import (
     trig_noise,
 )
 from jaxdiff.models.layers import NoiseEmbedding, dense, zeros
-from jaxdiff.training.state import TrainState, apply_gradients, create_train_state
+from jaxdiff.training.state import TrainState, apply_gradients, copy_tree, create_train_state
 
 MODES = ("distill", "train")
 """``"distill"`` = sCD (teacher velocity), ``"train"`` = sCT (conditional velocity)."""
@@ -222,14 +222,13 @@ def init_scm_state(
     ema_rates: tuple[float, ...] = (),
 ) -> SCMState:
     """Initial state; ``key`` initialises :class:`TimeWeight` (same optimizer ``tx``)."""
-    copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731
     weight_params = {}
     if cfg.weighting == "learned":
         weight_params = TimeWeight(cfg.weight_features).init(key, jnp.ones((1,)))["params"]
         weight_params = nn.unbox(weight_params)
     return SCMState(
         step=jnp.zeros((), jnp.int32),
-        gen=create_train_state(copy(student_params), tx, ema_rates),
+        gen=create_train_state(copy_tree(student_params), tx, ema_rates),
         weight=create_train_state(weight_params, tx, ()),
     )
 

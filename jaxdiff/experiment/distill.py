@@ -216,7 +216,7 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pa
             )
             for name in ("distill_state", "checkpoints")
         )
-        state, start = _init_or_restore(full_ckpt, method, data, config.seed)
+        state, start = _init_or_restore(full_ckpt, method, teacher.params, data, config.seed)
         for ckpt in (full_ckpt, student_ckpt):
             check_resume(ckpt, start, tc.num_steps)
         writer = create_default_writer(workdir, just_logging=not is_main_process())
@@ -249,12 +249,13 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Pa
         )
 
 
-def _init_or_restore(ckpt: Checkpointer, method: Method, data, seed: int):
+def _init_or_restore(ckpt: Checkpointer, method: Method, teacher_params: Any, data, seed: int):
     """The method's whole state from ``ckpt`` (and the data position), or a fresh one."""
     if ckpt.latest_step() is None:
         init = jax.jit(method.init, out_shardings=method.shardings)
-        return init(jax.random.key(seed + 7)), 0
-    state, data_state, start = ckpt.restore(abstract_state(method.init, method.shardings))
+        return init(jax.random.key(seed + 7), teacher_params), 0
+    shapes = abstract_state(lambda key: method.init(key, teacher_params), method.shardings)
+    state, data_state, start = ckpt.restore(shapes)
     if data_state is not None:
         data.set_state(data_state)
     log.info("resumed distillation from %s in %s", ckpt.last_restore.describe(), ckpt.directory)

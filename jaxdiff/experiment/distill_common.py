@@ -64,7 +64,9 @@ class Method:
     """A distillation method as the driver runs it.
 
     Attributes:
-        init: ``key -> state``, the whole resumable state (the student at ``state.gen``).
+        init: ``(key, teacher_params) -> state``, the whole resumable state (the student
+            at ``state.gen``). The teacher's params are an argument, never a constant
+            closed over: jitted, a large teacher would otherwise be baked into the program.
         shardings: the state's shardings.
         step: ``(state, batch, iteration) -> (state, metrics)``; ``iteration`` (0-based) is
             the loop's, for methods whose schedule lives outside the jitted step.
@@ -74,7 +76,7 @@ class Method:
         progress_metric: the metric shown in the progress line.
     """
 
-    init: Callable[[jax.Array], Any]
+    init: Callable[[jax.Array, Any], Any]
     shardings: Any
     step: Callable[[Any, Any, int], tuple[Any, dict]]
     saved: dict
@@ -214,21 +216,22 @@ def simple_method(
     if student_model is None:
         student_model, s_shard = teacher.model, teacher.param_shardings
 
-        def student_params(key):
+        def student_params(key, teacher_params):
             del key
-            return teacher.params
+            return teacher_params
 
     else:
         init_boxed = init_params_fn(student_model, teacher.sample_shape, teacher.num_classes)
         s_shard = param_shardings(jax.eval_shape(init_boxed, jax.random.key(0)), mesh)
 
-        def student_params(key):
-            return graft_params(teacher.params, nn.unbox(init_boxed(key)))
+        def student_params(key, teacher_params):
+            return graft_params(teacher_params, nn.unbox(init_boxed(key)))
 
-    def init(key):
-        return init_state(key, student_params(key), tx, cfg, ema_rates)
+    def init(key, teacher_params):
+        return init_state(key, student_params(key, teacher_params), tx, cfg, ema_rates)
 
-    shardings = state_shardings(jax.eval_shape(init, jax.random.key(0)), s_shard, tx, mesh)
+    abstract = jax.eval_shape(init, jax.random.key(0), teacher.params)
+    shardings = state_shardings(abstract, s_shard, tx, mesh)
     step = make_step(
         apply_student,
         apply_teacher,

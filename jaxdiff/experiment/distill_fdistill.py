@@ -128,12 +128,13 @@ def build_fdistill(ctx: DistillContext) -> Method:
     )
     p_shard, teacher_params = teacher.param_shardings, teacher.params
 
-    def init(key):
+    def init(key, params):
         pool = nets.init_pool(key)
         rates = tuple(config.train.ema_rates)
-        return init_distill_state(teacher_params, teacher_params, pool, txs, cfg, rates)
+        return init_distill_state(params, params, pool, txs, cfg, rates)
 
-    shardings = distill_state_shardings(jax.eval_shape(init, jax.random.key(0)), p_shard, txs, mesh)
+    abstract = jax.eval_shape(init, jax.random.key(0), teacher_params)
+    shardings = distill_state_shardings(abstract, p_shard, txs, mesh)
     gen_step, critic_step = jit_steps(make_steps(nets, cfg, txs), shardings, p_shard, mesh)
     key = ctx.key
 

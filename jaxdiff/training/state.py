@@ -52,6 +52,16 @@ def ema_keys(ema_rates: Sequence[float], ema_stds: Sequence[float] = ()) -> list
     return [ema_key(r) for r in ema_rates] + [std_key(s) for s in ema_stds]
 
 
+def copy_tree(tree: Any) -> Any:
+    """A copy of every array leaf: a new state never aliases its source's buffers.
+
+    Distillation states start from the teacher's params, which they must not share with it:
+    a jitted step donates the state, and donating a shared buffer would delete the
+    teacher's.
+    """
+    return jax.tree.map(jnp.array, tree)
+
+
 def create_train_state(
     params: Any,
     tx: optax.GradientTransformation,
