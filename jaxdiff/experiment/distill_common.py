@@ -97,8 +97,9 @@ def net_apply(model: nn.Module) -> Callable[..., jax.Array]:
 def method_config(ctx: DistillContext, name: str, cls: type, **fixed: Any) -> Any:
     """``cls(**config.<name>)`` (driver keys dropped) with ``fixed`` values filled in.
 
-    A section value of None takes the ``fixed`` value (the teacher's sigma range); other
-    ``fixed`` keys are set unconditionally.
+    A ``fixed`` value (e.g. the teacher's sigma range) fills a key the section leaves out
+    or sets to None; a value the section sets is kept (builders check the ones that must
+    not differ, such as sCM's parameterisation).
 
     Raises:
         InvalidArgumentError: naming the section for an unknown key or a bad value.

@@ -30,7 +30,7 @@ def generate_fn(run: TrainedModel, spec: SamplerSpec) -> Callable[..., tuple[jax
     A MeanFlow student's own recipe (solver ``meanflow``) runs its average-velocity jumps
     (:func:`meanflow_generate_fn`); every other spec runs the scan sampler.
     """
-    if spec.solver_spec.partition(":")[0].strip().lower() == MEANFLOW:
+    if spec.solver_name == MEANFLOW:
         return meanflow_generate_fn(run, spec)
     return make_generate_fn(
         run.model,

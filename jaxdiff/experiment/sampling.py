@@ -85,6 +85,11 @@ class SamplerSpec:
     model_kwargs: dict = dataclasses.field(default_factory=dict)
 
     @property
+    def solver_name(self) -> str:
+        """The solver's name without its arguments, e.g. ``"renoise"``."""
+        return solver_name(self.solver_spec)
+
+    @property
     def steps(self) -> int:
         """Number of solver steps."""
         return len(self.sigmas) - 1
@@ -298,13 +303,13 @@ def resolve_sampler(
     elif built is None and not model_kwargs:
         guidance_spec = "none"
     trained = sc.get("sigmas")
-    name = _solver_name(solver_spec)
+    name = solver_name(solver_spec)
     if name == MEANFLOW and trained is None:
         raise InvalidArgumentError(
             "solver 'meanflow' samples a MeanFlow student at its stored levels, and this "
             "run has none (config.sample.sigmas): pass --solver=heun (or euler) instead"
         )
-    if trained is not None and name == _solver_name(str(sc.solver)):
+    if trained is not None and name == solver_name(str(sc.solver)):
         trained = np.asarray(trained, np.float32).reshape(-1)
         sigmas = _trained_schedule(trained, num_steps)
     else:
@@ -322,7 +327,8 @@ def resolve_sampler(
     )
 
 
-def _solver_name(spec: str) -> str:
+def solver_name(spec: str) -> str:
+    """The name of a ``NAME[:key=value,...]`` solver spec, lower-cased."""
     return spec.partition(":")[0].strip().lower()
 
 
