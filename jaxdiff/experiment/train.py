@@ -43,6 +43,7 @@ from jaxdiff.experiment.builders import (
 from jaxdiff.experiment.evaluate import make_eval_hook
 from jaxdiff.experiment.generation import generate_fn
 from jaxdiff.experiment.latents import run_vae
+from jaxdiff.experiment.loss_terms import build_loss_terms
 from jaxdiff.experiment.runs import TrainedModel
 from jaxdiff.experiment.sampling import SamplerSpec, resolve_sampler
 from jaxdiff.models import DiT
@@ -196,6 +197,7 @@ def build_train_step(
         num_classes=num_classes,
         label_dropout=tc.label_dropout,
         ema_warmup=tc.ema_warmup,
+        terms=build_loss_terms(config, model, num_classes, tuple(sample_shape)),
     )
     jitted = jit_train_step(step_fn, shardings, mesh)
 

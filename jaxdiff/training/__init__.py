@@ -16,9 +16,18 @@ from jaxdiff.training.state import (
     train_state_shardings,
     update_ema,
 )
-from jaxdiff.training.step import drop_labels, jit_train_step, make_loss_fn, make_train_step
+from jaxdiff.training.step import (
+    LossInputs,
+    LossTerm,
+    drop_labels,
+    jit_train_step,
+    make_loss_fn,
+    make_train_step,
+)
 
 __all__ = [
+    "LossInputs",
+    "LossTerm",
     "Checkpointer",
     "Hook",
     "StopSignal",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import flax.linen as nn
 import jax
@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxdiff.data.augment import AUGMENT_LABEL
-from jaxdiff.diffusion.formulation import Formulation
+from jaxdiff.diffusion.formulation import Formulation, NetFn
 from jaxdiff.parallel import batch_sharding, replicated
 from jaxdiff.training.state import TrainState, param_projection, update_ema
 
@@ -28,8 +28,55 @@ def drop_labels(key: jax.Array, labels: jax.Array, null_class: int, rate: float)
     return jnp.where(drop, null_class, labels)
 
 
+class LossInputs(NamedTuple):
+    """What an extra loss term sees of one train step.
+
+    Attributes:
+        params: the model parameters being differentiated.
+        batch: the step's batch (``"image"``, ``"label"``, ...).
+        labels: the labels after label dropout (None for an unconditional model).
+        net: the training-mode network, ``net(x_in, noise_label, cond, **kwargs) -> F``
+            (dropout on, the step's dropout key), for terms that need their own pass.
+        formulation: the run's formulation (``formulation.as_denoiser(net)`` is ``D``).
+        intermediates: what the denoising loss's own forward pass sowed into the
+            ``"intermediates"`` collection (e.g. UNet's ``"mid"``), when the term asks for
+            it with ``captures = True``; otherwise empty.
+        key: the term's own PRNG key (independent of the denoising loss's draws).
+    """
+
+    params: Any
+    batch: Batch
+    labels: jax.Array | None
+    net: NetFn
+    formulation: Formulation
+    intermediates: dict
+    key: jax.Array
+
+
+class LossTerm(Protocol):
+    """An extra training loss added to the denoising loss (REPA, a regulariser, ...).
+
+    A term is a pure function of :class:`LossInputs`; it returns its contribution to the
+    scalar loss, already weighted, and a dict of scalar metrics (reported as
+    ``"<name>/<metric>"``). ``captures = True`` asks for the denoising pass's
+    ``"intermediates"``, so a term on hidden activations (REPA) costs no extra forward.
+    """
+
+    name: str
+    captures: bool
+
+    def __call__(self, inputs: LossInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Returns ``(weighted scalar loss, scalar metrics)``."""
+        ...
+
+
 def make_loss_fn(
-    model: nn.Module, formulation: Formulation, *, num_classes: int, label_dropout: float
+    model: nn.Module,
+    formulation: Formulation,
+    *,
+    num_classes: int,
+    label_dropout: float,
+    terms: Sequence[LossTerm] = (),
 ) -> Callable[[Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]:
     """Returns ``loss_fn(params, batch, key) -> (loss, aux)`` for denoising training.
 
@@ -42,7 +89,14 @@ def make_loss_fn(
         formulation: how the network is preconditioned and its loss weighted.
         num_classes: number of classes (0 = unconditional); label id ``num_classes`` is null.
         label_dropout: probability of training a label as the null class.
+        terms: extra loss terms added to the mean denoising loss (see :class:`LossTerm`);
+            with none, the loss is exactly the denoising loss and ``aux`` is empty.
     """
+    terms = tuple(terms)
+    names = [t.name for t in terms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"loss terms need distinct names, got {names}")
+    captures = any(t.captures for t in terms)
 
     def loss_fn(params, batch, key):
         k_drop, k_loss, k_net = jax.random.split(key, 3)
@@ -61,7 +115,7 @@ def make_loss_fn(
                 )
             extra[AUGMENT_LABEL] = batch[AUGMENT_LABEL]
 
-        def net(x_in, noise_label, cond):
+        def net(x_in, noise_label, cond, **kwargs):
             return model.apply(
                 {"params": params},
                 x_in,
@@ -70,10 +124,45 @@ def make_loss_fn(
                 train=True,
                 rngs={"dropout": k_net},
                 **extra,
+                **kwargs,
             )
 
-        per_example = formulation.loss(net, batch["image"], k_loss, labels)
-        return jnp.mean(per_example), {}
+        sown: list[dict] = []
+
+        def capturing_net(x_in, noise_label, cond):
+            # The denoising loss calls the network once; what that call sows is handed to
+            # the terms (a trace-time side channel inside this one function, so it is pure).
+            out, state = net(x_in, noise_label, cond, mutable=["intermediates"])
+            sown.append(state.get("intermediates", {}))
+            return out
+
+        main_net = capturing_net if captures else net
+        per_example = formulation.loss(main_net, batch["image"], k_loss, labels)
+        loss = jnp.mean(per_example)
+        if not terms:
+            return loss, {}
+        if captures and len(sown) != 1:
+            raise ValueError(
+                f"{type(formulation).__name__}.loss called the network {len(sown)} times; "
+                "terms that read intermediates need exactly one denoising pass"
+            )
+        aux = {"denoise_loss": loss}
+        term_keys = jax.random.split(jax.random.fold_in(key, 0x7E4D), len(terms))
+        for term, k in zip(terms, term_keys, strict=True):
+            inputs = LossInputs(
+                params=params,
+                batch=batch,
+                labels=labels,
+                net=net,
+                formulation=formulation,
+                intermediates=sown[0] if (term.captures and sown) else {},
+                key=k,
+            )
+            value, metrics = term(inputs)
+            loss = loss + value
+            aux[f"{term.name}/loss"] = value
+            aux.update({f"{term.name}/{m}": v for m, v in metrics.items()})
+        return loss, aux
 
     return loss_fn
 
@@ -86,6 +175,7 @@ def make_train_step(
     num_classes: int = 0,
     label_dropout: float = 0.0,
     ema_warmup: bool = True,
+    terms: Sequence[LossTerm] = (),
 ) -> StepFn:
     """Returns the pure ``train_step(state, batch, key) -> (state, metrics)``.
 
@@ -99,8 +189,12 @@ def make_train_step(
         num_classes: number of classes (0 = unconditional).
         label_dropout: probability of dropping a label to the null class.
         ema_warmup: use the ``(1+t)/(10+t)`` EMA warm-up.
+        terms: extra loss terms (see :func:`make_loss_fn`); their values and metrics join
+            the step's metrics, and ``"loss"`` is the total.
     """
-    loss_fn = make_loss_fn(model, formulation, num_classes=num_classes, label_dropout=label_dropout)
+    loss_fn = make_loss_fn(
+        model, formulation, num_classes=num_classes, label_dropout=label_dropout, terms=terms
+    )
     project = param_projection(model)  # e.g. EDM2's forced weight normalisation
 
     def train_step(state: TrainState, batch: Batch, key: jax.Array):
