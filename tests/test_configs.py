@@ -14,7 +14,7 @@ def _config(name):
     return importlib.import_module(f"train.configs.{name}").get_config()
 
 
-@pytest.mark.parametrize("name", ["digits", "toy2d", "dit_b2_latents", "edm2_digits"])
+@pytest.mark.parametrize("name", ["digits", "toy2d", "dit_b2_latents", "edm2_digits", "dit_digits"])
 def test_config_builds(name):
     exp = build_experiment(_config(name))
     assert exp.num_classes > 0
