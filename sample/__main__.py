@@ -13,7 +13,8 @@ the same seed gives the same images at any batch size or device count.
 ``--classify=PATH`` classifies images instead (an ``.npz`` with ``samples`` and optionally
 ``labels``, or an image folder) with the run as a zero-shot diffusion classifier, writes
 the predictions beside ``--out`` (``*_classify.npz``) and prints the accuracy when labels
-are given. A distilled
+are given. ``--edit=PATH --edit_to=+1`` edits images instead: inversion, then Direct
+Inversion to the target classes (``jaxdiff.experiment.edit``). A distilled
 few-step student samples as it was trained (its stored ``renoise`` recipe at its trained
 levels; ``--steps=k`` takes k of them, at most K). ``--student=S --switch_step=k``
 samples the hybrid of diversity distillation: this run's first k steps, the last landing
@@ -127,6 +128,24 @@ _CLASSIFY_SCHEDULE = flags.DEFINE_string(
 _CLASSIFY_TRIALS = flags.DEFINE_integer(
     "classify_trials", 1, "Noise draws per level of --classify (shared by all classes)."
 )
+_EDIT = flags.DEFINE_string(
+    "edit",
+    None,
+    "Edit these images instead of sampling (inversion + Direct Inversion): an .npz with "
+    "samples and labels, or an image folder with class subfolders.",
+)
+_EDIT_TO = flags.DEFINE_string(
+    "edit_to", "+1", "Target classes of --edit: '3', one per image '0,1,7', or a shift '+1'."
+)
+_EDIT_MODE = flags.DEFINE_enum(
+    "edit_mode", "source", ["source", "both"], "Direct Inversion correction: paper or both."
+)
+_EDIT_STRENGTH = flags.DEFINE_float(
+    "edit_strength", 1.0, "Edit depth in (0, 1]: invert round(strength * steps) levels."
+)
+_EDIT_INJECT = flags.DEFINE_float(
+    "edit_inject", 0.0, "Fraction of editing steps whose target takes the source's attention."
+)
 _CACHE = flags.DEFINE_string(
     "compile_cache_dir",
     None,
@@ -200,6 +219,8 @@ def _check_flags(out: str) -> None:
         from jaxdiff.experiment.diffusion_classify import parse_schedule
 
         parse_schedule(_CLASSIFY_SCHEDULE.value, _CLASSIFY_TRIALS.value)
+    if _EDIT.value and not (storage.isfile(_EDIT.value) or storage.isdir(_EDIT.value)):
+        raise app.UsageError(f"--edit={_EDIT.value} does not exist")
     names = eval_names()
     from jaxdiff.experiment.evaluate import eval_request_problem
 
@@ -253,6 +274,14 @@ def main(argv):
     with ex.build_precision(run.config).scope():
         if _CLASSIFY.value:
             _classify(run, out)
+        elif _EDIT.value:
+            from jaxdiff.experiment.edit import run_edit
+
+            run_edit(
+                run, _EDIT.value, _EDIT_TO.value, out, solver=_SOLVER.value, steps=_STEPS.value,
+                guidance=_GUIDANCE.value, mode=_EDIT_MODE.value, batch_size=_BATCH.value,
+                scale=_SCALE.value, strength=_EDIT_STRENGTH.value, inject=_EDIT_INJECT.value,
+            )  # fmt: skip
         else:
             _sample(run, mesh, out)
 

@@ -24,6 +24,14 @@ from jaxdiff.samplers.driver import sample, sampling_dtype
 from jaxdiff.samplers.edm_stochastic import EDMStochastic, edm_stochastic
 from jaxdiff.samplers.euler import Euler, euler, euler_update
 from jaxdiff.samplers.heun import Heun, heun, heun_update
+from jaxdiff.samplers.inversion import (
+    EDIT_MODES,
+    check_inversion_solver,
+    direct_inversion_edit,
+    inversion_sigmas,
+    invert,
+    regenerate,
+)
 from jaxdiff.samplers.renoise import Renoise, renoise
 
 SOLVERS = {
@@ -62,6 +70,7 @@ def get_solver(name: str, *args, **kwargs) -> Solver:
 
 __all__ = [
     "DDIM",
+    "EDIT_MODES",
     "SOLVERS",
     "DPMSolverPP2M",
     "EDMStochastic",
@@ -74,7 +83,9 @@ __all__ = [
     "ancestral_split",
     "ancestral_update",
     "batch_keys",
+    "check_inversion_solver",
     "ddim",
+    "direct_inversion_edit",
     "dpmpp_2m",
     "edm_stochastic",
     "euler",
@@ -83,8 +94,11 @@ __all__ = [
     "get_solver",
     "heun",
     "heun_update",
+    "inversion_sigmas",
+    "invert",
     "normal_like",
     "per_sample_normal",
+    "regenerate",
     "renoise",
     "sample",
     "sampling_dtype",
