@@ -30,6 +30,7 @@ from jaxdiff.data import (
 from jaxdiff.diffusion import Formulation, get_formulation
 from jaxdiff.distill.consistency_core import ConsistencyFormulation
 from jaxdiff.errors import InvalidArgumentError
+from jaxdiff.experiment.repa import repa_model
 from jaxdiff.models import create_model
 from jaxdiff.parallel import batch_size_per_device_check, make_mesh
 from jaxdiff.training.checkpoint import Checkpointer
@@ -122,7 +123,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
     """
     kwargs = _section_kwargs(config.model)
     kwargs["dtype"] = compute_dtype(config)
-    return create_model(config.model.name, num_classes=num_classes, **kwargs)
+    model = create_model(config.model.name, num_classes=num_classes, **kwargs)
+    # REPA's projector is part of the model (params created at init, restored by load_run).
+    return repa_model(config, model)
 
 
 CONSISTENCY_KEY = "consistency"

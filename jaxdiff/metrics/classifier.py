@@ -112,6 +112,18 @@ class DigitsClassifier:
         """``[B, F]`` penultimate features of images in [-1, 1]."""
         return self.model.apply({"params": self.params}, x, noise_label, method=Classifier.features)
 
+    def feature_map(
+        self, x: jax.Array, stage: int = 1, noise_label: jax.Array | None = None
+    ) -> jax.Array:
+        """``[B, H / 2^stage, W / 2^stage, C]`` patch features of a conv stage.
+
+        See :meth:`jaxdiff.models.Classifier.feature_map`; the default (stage 1) is the
+        ``[B, 4, 4, 32]`` map of the shipped classifier, REPA's target on digits.
+        """
+        return self.model.apply(
+            {"params": self.params}, x, stage, noise_label, method=Classifier.feature_map
+        )
+
 
 def accuracy(
     clf: DigitsClassifier,

@@ -87,6 +87,40 @@ class Classifier(nn.Module):
           ValueError: If ``noise_label`` is given to a clean classifier or missing for a
             noise-aware one.
         """
+        h = self._stages(x, noise_label, len(self.channels))
+        h = nn.silu(self.fc(h.reshape(x.shape[0], -1)))
+        return h.astype(jnp.float32)
+
+    def feature_map(
+        self, x: jax.Array, stage: int = 1, noise_label: jax.Array | None = None
+    ) -> jax.Array:
+        """The spatial activation of conv stage ``stage`` ("patch features", e.g. for REPA).
+
+        The map after the stage's two ``conv -> GroupNorm -> SiLU`` layers, before its
+        pooling: ``[B, H / 2^stage, W / 2^stage, channels[stage]]`` (stage 1 of the default
+        digits classifier: ``[B, 4, 4, 32]``).
+
+        Args:
+          x: Images, see :meth:`features`.
+          stage: Index into ``channels``.
+          noise_label: Noise labels, see :meth:`features`.
+
+        Returns:
+          float32 feature map.
+
+        Raises:
+          ValueError: For a stage out of range (or a bad ``noise_label``).
+        """
+        if not 0 <= stage < len(self.channels):
+            raise ValueError(
+                f"stage={stage} out of range: the classifier has stages 0..{len(self.channels) - 1}"
+            )
+        return self._stages(x, noise_label, stage, pool_last=False).astype(jnp.float32)
+
+    def _stages(
+        self, x: jax.Array, noise_label: jax.Array | None, last: int, pool_last: bool = True
+    ) -> jax.Array:
+        """Runs conv stages ``0..last`` (all pooled, except ``last`` if ``pool_last`` is off)."""
         if self.noise_conditioned != (noise_label is not None):
             raise ValueError(
                 "noise_label is required for a noise-conditioned Classifier and must be "
@@ -97,16 +131,16 @@ class Classifier(nn.Module):
         if noise_label is not None:
             emb = nn.silu(self.noise_embed(jnp.broadcast_to(noise_label, (b,))))
         h = x.astype(self.dtype)
-        for i in range(len(self.channels)):
+        for i in range(min(last + 1, len(self.channels))):
             for j in range(2):
                 k = 2 * i + j
                 h = self.norms[k](self.convs[k](h))
                 if emb is not None and j == 0:
                     h = h + self.noise_shift[i](emb)[:, None, None, :]
                 h = nn.silu(h)
-            h = nn.avg_pool(h, (2, 2), strides=(2, 2))
-        h = nn.silu(self.fc(h.reshape(b, -1)))
-        return h.astype(jnp.float32)
+            if i < last or pool_last:
+                h = nn.avg_pool(h, (2, 2), strides=(2, 2))
+        return h
 
     def __call__(
         self, x: jax.Array, noise_label: jax.Array | None = None, *, train: bool = False

@@ -52,12 +52,14 @@ from jaxdiff.models.aux_time import aux_time_embedding
 from jaxdiff.models.dit_blocks import (
     DiTBlock,
     ScannedDiTBlock,
+    TokenMerge,
     layer_norm,
     modulate,
     sincos_2d,
 )
 from jaxdiff.models.dit_layout import stack_blocks, to_layout, unstack_blocks
 from jaxdiff.models.layers import (
+    TOKEN_VARIANTS,
     ClassEmbedding,
     NoiseEmbedding,
     check_variant,
@@ -65,6 +67,7 @@ from jaxdiff.models.layers import (
     zeros,
 )
 from jaxdiff.models.remat import maybe_remat
+from jaxdiff.models.repa import check_repa_fields, repa_project
 
 DIT_CONFIGS: dict[str, dict[str, int]] = {
     "S": dict(depth=12, hidden_size=384, num_heads=6),
@@ -101,7 +104,10 @@ class DiT(nn.Module):
     * None: the normal network;
     * ``"pag"``: in the blocks listed in ``pag_layers`` the self-attention map is the
       identity (attention output = value projection, then the output projection);
-    * ``"slg"``: the blocks listed in ``skip_layers`` are skipped (identity).
+    * ``"slg"``: the blocks listed in ``skip_layers`` are skipped (identity);
+    * ``"negtome"``: negative token merging (NegToMe) of every block's attention output
+      across the images of the batch, with the call's ``merge`` arguments
+      (:class:`~jaxdiff.models.dit_blocks.TokenMerge`, default alpha 0.9, tau 0.65).
 
     Attributes:
       patch_size: Side of the square patches; H and W must be divisible by it.
@@ -147,6 +153,16 @@ class DiT(nn.Module):
         select per block. The outputs are the same either way; convert params between
         the layouts with :func:`stack_blocks`, :func:`unstack_blocks` or
         :func:`to_layout`. Composes with ``remat`` (each scanned step is rematerialised).
+      repa_depth: REPA (:mod:`jaxdiff.models.repa`) aligns the tokens after this many
+        blocks (REPA's ``encoder_depth``: 8 of SiT-XL's 28); used when ``repa_dim > 0``.
+      repa_dim: Width of the frozen encoder's features: with ``repa_dim > 0`` a
+        ``repa_projector`` MLP maps every token after block ``repa_depth`` to it in
+        training passes (sown as ``"repa"``, ``[B, H/p, W/p, repa_dim]``). 0 (default): no
+        projector, no params. Training with it needs ``scan_blocks=False``.
+      repa_hidden: Hidden width of the REPA projector (REPA: 2048).
+      cep_scale: Condition-embedding perturbation of the class embedding in training
+        passes (CEP's gamma, see :class:`~jaxdiff.models.layers.ClassEmbedding`); 0 = off.
+      cep_noise: CEP's distribution, ``"gaussian"`` or ``"uniform"``.
       activation_sharding: Optional ``jax.sharding.Sharding`` for the ``[B, T, D]``
         activations between blocks (e.g. batch over ``('data', 'fsdp')``, the rest
         replicated). With FSDP or tensor parallelism it stops XLA from resharding
@@ -174,6 +190,11 @@ class DiT(nn.Module):
     aux_time_scale: float | None = None
     remat: str | bool = "none"
     scan_blocks: bool = False
+    repa_depth: int = 0
+    repa_dim: int = 0
+    repa_hidden: int = 2048
+    cep_scale: float = 0.0
+    cep_noise: str = "gaussian"
     activation_sharding: Any = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -208,6 +229,7 @@ class DiT(nn.Module):
         variant: str | None,
         pag: frozenset[int],
         skip: frozenset[int],
+        merge: TokenMerge | None = None,
     ) -> jax.Array:
         """Runs the blocks under ``nn.scan``: params under ``"blocks"``, stacked on axis 0."""
         if self.depth == 0:
@@ -218,11 +240,12 @@ class DiT(nn.Module):
         chosen = pag if variant == "pag" else skip
         # Per-block flags only when a variant needs them: variant None adds no work.
         flags = () if variant is None else (jnp.asarray([i in chosen for i in range(self.depth)]),)
+        merges = () if merge is None else (merge,)  # the same merge in every block
         blocks = nn.scan(
             block_cls,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,) + (0,) * len(flags),
+            in_axes=(nn.broadcast,) + (0,) * len(flags) + (nn.broadcast,) * len(merges),
             length=self.depth,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(
@@ -233,7 +256,7 @@ class DiT(nn.Module):
             name="blocks",
             **block_kw,
         )
-        h, _ = blocks(h, c, *flags)
+        h, _ = blocks(h, c, *flags, *merges)
         return h
 
     @nn.compact
@@ -246,6 +269,7 @@ class DiT(nn.Module):
         train: bool = False,
         variant: str | None = None,
         aux_time: jax.Array | None = None,
+        merge: TokenMerge | None = None,
     ) -> jax.Array:
         """Predicts the network output for noisy inputs.
 
@@ -254,9 +278,12 @@ class DiT(nn.Module):
           noise_label: ``[B]`` float noise labels (the formulation's ``c_noise``).
           cond: int32 ``[B]`` class labels or None (null class).
           train: Enables dropout (rng collection ``"dropout"``).
-          variant: Static: None, ``"pag"`` or ``"slg"`` (see the class docstring).
+          variant: Static: None, ``"pag"``, ``"slg"`` or ``"negtome"`` (see the class
+            docstring).
           aux_time: ``[B]`` float second scalar per sample (needs ``aux_time_embed``);
             None = zeros.
+          merge: The ``"negtome"`` variant's arguments (None = the defaults); only
+            with that variant.
 
         Returns:
           ``[B, H, W, C]`` float32 (``[B, H, W, 2 C]`` with ``learn_sigma`` and
@@ -266,7 +293,11 @@ class DiT(nn.Module):
           ValueError: Unknown variant, bad layer indices or indivisible image size, or
             ``aux_time`` without ``aux_time_embed``.
         """
-        check_variant(variant)
+        check_variant(variant, TOKEN_VARIANTS)
+        if merge is not None and variant != "negtome":
+            raise ValueError(f"merge= is for variant='negtome', got variant={variant!r}")
+        if variant == "negtome" and merge is None:
+            merge = TokenMerge()
         pag = self._blocks(self.pag_layers, "pag_layers") if variant == "pag" else frozenset()
         skip = self._blocks(self.skip_layers, "skip_layers") if variant == "slg" else frozenset()
         b, height, width, channels = x.shape
@@ -292,26 +323,44 @@ class DiT(nn.Module):
             **kw,
         )(jnp.broadcast_to(noise_label, (b,)))
         if self.num_classes > 0:
-            c = c + ClassEmbedding(self.num_classes, self.hidden_size, name="class_embed", **kw)(
-                cond, b
+            class_embed = ClassEmbedding(
+                self.num_classes,
+                self.hidden_size,
+                self.cep_scale,
+                self.cep_noise,
+                name="class_embed",
+                **kw,
             )
+            c = c + class_embed(cond, b, train)
         aux = aux_time_embedding(self, aux_time, b, self.frequency_features, self.hidden_size, kw)
         if aux is not None:  # nothing at all is added when aux_time_embed=False
             c = c + aux
 
         block_args = (self.hidden_size, self.num_heads, self.mlp_ratio, self.dropout)
         block_kw = dict(attention_impl=self.attention_impl, **kw)
+        depths = range(1, self.depth + 1)
+        check_repa_fields(self.repa_hidden, self.repa_dim, "repa_depth", self.repa_depth, depths)
+        repa_kw = dict(train=train, hidden=self.repa_hidden, features=self.repa_dim, **kw)
+        if self.scan_blocks and self.repa_dim > 0 and train:
+            raise ValueError(
+                "REPA (repa_dim > 0) reads the tokens after block repa_depth, which nn.scan "
+                "does not expose: train with scan_blocks=False (sampling may scan)"
+            )
         if self.scan_blocks:
-            h = self._scanned_blocks(h, c, block_args, block_kw, train, variant, pag, skip)
+            h = self._scanned_blocks(h, c, block_args, block_kw, train, variant, pag, skip, merge)
+            if self.is_initializing():  # the projector's params (same shapes), for loading
+                repa_project(self, h.reshape(b, gh, gw, -1), **repa_kw)
         else:
             block_cls = maybe_remat(DiTBlock, self.remat, static_argnums=(3, 4))
             for i in range(self.depth):
                 block = block_cls(*block_args, name=f"block_{i}", **block_kw)
                 if i in skip and not self.is_initializing():
                     continue  # skip-layer guidance: the block is the identity
-                h = block(h, c, not train, i in pag)
+                h = block(h, c, not train, i in pag, merge)
                 if self.activation_sharding is not None:
                     h = jax.lax.with_sharding_constraint(h, self.activation_sharding)
+                if i + 1 == self.repa_depth:
+                    repa_project(self, h.reshape(b, gh, gw, -1), **repa_kw)
 
         # Final layer: adaLN (shift, scale) then a zero-initialised linear map.
         shift, scale = jnp.split(

@@ -44,7 +44,15 @@ LOGICAL_AXES: tuple[str, ...] = (
 """Logical axis names used by every jaxdiff model parameter."""
 
 VARIANTS: tuple[str | None, ...] = (None, "pag", "slg")
-"""Values accepted by the models' static ``variant`` argument."""
+"""Values accepted by every model's static ``variant`` argument."""
+
+TOKEN_VARIANTS: tuple[str | None, ...] = VARIANTS + ("negtome",)
+"""Values accepted by token models (the DiT): :data:`VARIANTS` plus ``"negtome"``
+(negative token merging after attention), which needs image tokens to merge."""
+
+UNET_VARIANTS: tuple[str | None, ...] = VARIANTS + ("inject",)
+"""Values accepted by the UNet: :data:`VARIANTS` plus ``"inject"`` (every attention layer
+takes another example's attention probabilities, ``attn_donor=``; editing)."""
 
 EMBEDDINGS: tuple[str, ...] = ("positional", "fourier")
 """Kinds of noise-level embedding."""
@@ -81,7 +89,10 @@ def check_variant(variant: str | None, allowed: Sequence[str | None] = VARIANTS)
       ValueError: Naming the bad value and the allowed ones.
     """
     if variant not in allowed:
-        raise ValueError(f"unknown variant {variant!r}; allowed: {tuple(allowed)}")
+        hint = ""
+        if variant in TOKEN_VARIANTS:
+            hint = f"; {variant!r} needs a token model (the DiT)"
+        raise ValueError(f"unknown variant {variant!r}; allowed: {tuple(allowed)}{hint}")
 
 
 def dense(
@@ -246,6 +257,45 @@ class NoiseEmbedding(nn.Module):
         return dense(self.out_features, ("mlp", "embed"), name="fc2", **kw, **out_kw)(h)
 
 
+CEP_NOISES: tuple[str, ...] = ("gaussian", "uniform")
+"""Distributions of the condition-embedding perturbation (see :class:`ClassEmbedding`)."""
+
+
+def check_cep(scale: float, noise: str) -> None:
+    """Raises ValueError unless ``scale >= 0`` and ``noise`` is one of :data:`CEP_NOISES`."""
+    if noise not in CEP_NOISES:
+        raise ValueError(f"unknown cep_noise {noise!r}; allowed: {CEP_NOISES}")
+    if scale < 0:
+        raise ValueError(f"cep_scale={scale} must be >= 0 (0 = no perturbation)")
+
+
+def cep_perturbation(key: jax.Array, shape: tuple[int, ...], scale: float, noise: str) -> jax.Array:
+    """CEP's perturbation of ``[..., d]`` condition embeddings (Chen et al. 2024).
+
+    ``gaussian``: ``(scale / sqrt(d)) * N(0, I)``; ``uniform``: ``U(-scale / sqrt(d),
+    scale / sqrt(d))`` per entry (variance ``scale^2 / (3 d)``). ``scale`` is the paper's
+    gamma; dividing by ``sqrt(d)`` keeps the perturbation's norm about ``scale``
+    whatever the embedding width.
+
+    Args:
+      key: PRNG key.
+      shape: Shape of the embeddings; the last axis is ``d``.
+      scale: gamma (>= 0).
+      noise: ``"gaussian"`` or ``"uniform"``.
+
+    Returns:
+      float32 perturbation of ``shape``.
+
+    Raises:
+      ValueError: For an unknown ``noise`` or a negative ``scale``.
+    """
+    check_cep(scale, noise)
+    bound = scale / math.sqrt(shape[-1])
+    if noise == "gaussian":
+        return bound * jax.random.normal(key, shape, jnp.float32)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
 class ClassEmbedding(nn.Module):
     """Class-label embedding with an extra *null* class for classifier-free guidance.
 
@@ -255,29 +305,41 @@ class ClassEmbedding(nn.Module):
     ``jnp.take``, a label above ``num_classes`` yields a NaN embedding (a loud
     failure) and a negative label wraps around Python-style (-1 is the null class).
 
+    Condition-embedding perturbation (CEP, Chen et al. 2024, "Slight Corruption in
+    Pre-training Data Makes Better Diffusion Models"): with ``cep_scale > 0`` and
+    ``train=True`` every looked-up embedding (the null class's too) gets
+    :func:`cep_perturbation` added, drawn from the ``"dropout"`` rng stream. Sampling
+    (``train=False``) never perturbs, and ``cep_scale=0`` draws nothing at all.
+
     Attributes:
       num_classes: Number of real classes (> 0).
       features: Embedding width.
+      cep_scale: CEP's gamma (0 = off).
+      cep_noise: CEP's distribution, ``"gaussian"`` or ``"uniform"``.
       dtype: Compute dtype.
       param_dtype: Parameter dtype.
     """
 
     num_classes: int
     features: int
+    cep_scale: float = 0.0
+    cep_noise: str = "gaussian"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, cond: jax.Array | None, batch: int) -> jax.Array:
+    def __call__(self, cond: jax.Array | None, batch: int, train: bool = False) -> jax.Array:
         """Looks up class embeddings.
 
         Args:
           cond: int ``[B]`` labels, or None for the null class.
           batch: Batch size, used when ``cond`` is None.
+          train: Training pass: apply CEP (needs the ``"dropout"`` rng when on).
 
         Returns:
           ``[B, features]`` embedding in ``dtype``.
         """
+        check_cep(self.cep_scale, self.cep_noise)
         if cond is None:
             cond = jnp.full((batch,), self.num_classes, jnp.int32)
         table = nn.Embed(
@@ -288,7 +350,13 @@ class ClassEmbedding(nn.Module):
             embedding_init=partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
             name="table",
         )
-        return table(jnp.asarray(cond, jnp.int32))
+        emb = table(jnp.asarray(cond, jnp.int32))
+        if train and self.cep_scale > 0:
+            delta = cep_perturbation(
+                self.make_rng("dropout"), emb.shape, self.cep_scale, self.cep_noise
+            )
+            emb = (emb.astype(jnp.float32) + delta).astype(emb.dtype)
+        return emb
 
 
 ATTENTION_IMPLS: tuple[str | None, ...] = (None, "auto", "xla", "cudnn")
@@ -362,6 +430,12 @@ class SelfAttention(nn.Module):
     token's output is its own value vector (then the output projection as usual).
     This is the perturbation of perturbed-attention guidance (PAG).
 
+    With ``donor`` (int ``[B]``), token ``t`` of example ``i`` attends with the attention
+    probabilities of example ``donor[i]`` over its own values: Prompt-to-Prompt's
+    self-attention replacement, used by attention-injected editing
+    (:func:`jaxdiff.samplers.inversion.direct_inversion_edit`); ``donor[i] = i`` is plain
+    attention (computed as an explicit softmax, so equal up to rounding).
+
     Attributes:
       num_heads: Number of heads; ``C`` must be divisible by it.
       implementation: None/``"auto"``, ``"xla"`` or ``"cudnn"`` (see
@@ -378,12 +452,16 @@ class SelfAttention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, identity: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, identity: bool = False, donor: jax.Array | None = None
+    ) -> jax.Array:
         """Applies attention.
 
         Args:
           x: ``[B, T, C]`` tokens.
           identity: Static; use the identity attention map (PAG).
+          donor: int ``[B]`` or None: example ``i`` uses example ``donor[i]``'s attention
+            probabilities (P2P self-attention replacement).
 
         Returns:
           ``[B, T, C]`` in ``dtype``.
@@ -403,6 +481,10 @@ class SelfAttention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, N, H]
         if identity:
             h = v
+        elif donor is not None:
+            logits = jnp.einsum("btnh,bsnh->bnts", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+            h = jnp.einsum("bnts,bsnh->btnh", probs[jnp.asarray(donor, jnp.int32)], v)
         else:
             impl = resolve_attention(self.implementation, q.dtype, head_dim)
             h = jax.nn.dot_product_attention(q, k, v, implementation=impl)

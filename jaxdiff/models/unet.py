@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from jaxdiff.models.aux_time import aux_time_embedding
 from jaxdiff.models.layers import (
+    UNET_VARIANTS,
     ClassEmbedding,
     NoiseEmbedding,
     SelfAttention,
@@ -48,6 +49,7 @@ from jaxdiff.models.layers import (
     zeros,
 )
 from jaxdiff.models.remat import maybe_remat
+from jaxdiff.models.repa import check_repa_fields, repa_project
 
 RESAMPLES: tuple[str, ...] = ("conv", "avgpool")
 """Downsampling kinds of :class:`UNet`."""
@@ -149,12 +151,16 @@ class AttnBlock(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, identity: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, identity: bool = False, donor: jax.Array | None = None
+    ) -> jax.Array:
         """Applies the block.
 
         Args:
           x: ``[B, H, W, C]``.
           identity: Static; identity attention map (perturbed-attention guidance).
+          donor: int ``[B]`` or None: example ``i`` takes example ``donor[i]``'s attention
+            probabilities (see :class:`~jaxdiff.models.layers.SelfAttention`).
 
         Returns:
           ``[B, H, W, C]``.
@@ -164,7 +170,7 @@ class AttnBlock(nn.Module):
         h = group_norm(c, name="norm", **kw)(x).reshape(b, height * width, c)
         h = SelfAttention(
             self.num_heads, self.attention_impl, zero_init_out=True, name="attn", **kw
-        )(h, identity)
+        )(h, identity, donor)
         return x + h.reshape(b, height, width, c)
 
 
@@ -178,7 +184,10 @@ class UNet(nn.Module):
     * None: the normal network;
     * ``"pag"``: the attention layers in ``pag_layers`` use the identity attention map
       (output = value projection, then the output projection);
-    * ``"slg"``: the attention layers in ``skip_layers`` are skipped (identity).
+    * ``"slg"``: the attention layers in ``skip_layers`` are skipped (identity);
+    * ``"inject"``: every attention layer of example ``i`` uses the attention
+      probabilities of example ``attn_donor[i]`` over its own values (Prompt-to-Prompt's
+      self-attention replacement, for editing: the target branch takes the source's).
 
     Intermediate features (for discriminator heads) are sown into the ``"intermediates"``
     collection only when it is mutable: ``enc{level}`` (the last activation of each
@@ -213,6 +222,15 @@ class UNet(nn.Module):
         embeddings. Off by default: no parameter is created and ``aux_time`` must be None.
       aux_time_scale: Input scale of the ``aux_time`` features (None = the ``embedding``
         kind's default, as for the noise label).
+      repa_layer: The activation REPA aligns (:mod:`jaxdiff.models.repa`): ``"enc{level}"``
+        or ``"mid"``, the names sown into ``"intermediates"``; used when ``repa_dim > 0``.
+      repa_dim: Width of the frozen encoder's features: with ``repa_dim > 0`` a
+        ``repa_projector`` MLP maps every pixel of ``repa_layer`` to it in training passes
+        (sown as ``"repa"``). 0 (default): no projector, no params.
+      repa_hidden: Hidden width of the REPA projector (REPA: 2048).
+      cep_scale: Condition-embedding perturbation of the class embedding in training
+        passes (CEP's gamma, see :class:`~jaxdiff.models.layers.ClassEmbedding`); 0 = off.
+      cep_noise: CEP's distribution, ``"gaussian"`` or ``"uniform"``.
       remat: Rematerialisation policy of every residual and attention block, a name from
         :data:`jaxdiff.models.remat.REMAT_POLICIES`: ``"none"`` (keep all activations:
         fastest, most memory), ``"dots"`` (keep the matmul outputs of the dense layers,
@@ -242,6 +260,11 @@ class UNet(nn.Module):
     augment_dim: int = 0
     aux_time_embed: bool = False
     aux_time_scale: float | None = None
+    repa_layer: str | None = None
+    repa_dim: int = 0
+    repa_hidden: int = 2048
+    cep_scale: float = 0.0
+    cep_noise: str = "gaussian"
     remat: str | bool = "none"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -289,10 +312,15 @@ class UNet(nn.Module):
         mapping = dense(features, (None, "embed"), use_bias=False, name="augment_embed", **kw)
         return mapping(jnp.asarray(augment_label, self.dtype))
 
-    def _capture(self, name: str, h: jax.Array) -> None:
+    def _capture(self, name: str, h: jax.Array, train: bool) -> None:
         # Sown only when the caller asks: apply(..., mutable=["intermediates"]).
         if not self.is_initializing():
             self.sow("intermediates", name, h)
+        if name == self.repa_layer:
+            kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+            repa_project(
+                self, h, train=train, hidden=self.repa_hidden, features=self.repa_dim, **kw
+            )
 
     @nn.compact
     def __call__(
@@ -305,6 +333,7 @@ class UNet(nn.Module):
         variant: str | None = None,
         augment_label: jax.Array | None = None,
         aux_time: jax.Array | None = None,
+        attn_donor: jax.Array | None = None,
     ) -> jax.Array:
         """Predicts the network output for noisy images.
 
@@ -313,11 +342,13 @@ class UNet(nn.Module):
           noise_label: ``[B]`` float noise labels (the formulation's ``c_noise``).
           cond: int32 ``[B]`` class labels or None (null class).
           train: Enables dropout (rng collection ``"dropout"``).
-          variant: Static: None, ``"pag"`` or ``"slg"`` (see the class docstring).
+          variant: Static: None, ``"pag"``, ``"slg"`` or ``"inject"`` (class docstring).
           augment_label: ``[B, augment_dim]`` float augmentation labels of the training
             batch, or None (sampling): the same as zeros, i.e. "not augmented".
           aux_time: ``[B]`` float second scalar per sample (needs ``aux_time_embed``);
             None = zeros.
+          attn_donor: int ``[B]``, needed by (and only by) ``variant="inject"``: the
+            example whose attention probabilities each example uses.
 
         Returns:
           ``[B, H, W, C]`` float32.
@@ -327,13 +358,20 @@ class UNet(nn.Module):
             augmentation labels that do not match ``augment_dim``, or ``aux_time``
             without ``aux_time_embed``.
         """
-        check_variant(variant)
+        check_variant(variant, UNET_VARIANTS)
+        if (variant == "inject") != (attn_donor is not None):
+            raise ValueError(
+                f"variant={variant!r} with attn_donor={'None' if attn_donor is None else 'set'}"
+                ": pass attn_donor=[B] example indices exactly with variant='inject'"
+            )
         if self.resample not in RESAMPLES:
             raise ValueError(f"unknown resample {self.resample!r}; allowed: {RESAMPLES}")
         b, height, width, channels = x.shape
         levels = len(self.ch_mult)
         if height % 2 ** (levels - 1) or width % 2 ** (levels - 1):
             raise ValueError(f"image {height}x{width} not divisible by 2^{levels - 1}")
+        names = [f"enc{i}" for i in range(levels)] + ["mid"]
+        check_repa_fields(self.repa_hidden, self.repa_dim, "repa_layer", self.repa_layer, names)
         attn_res = {height >> i for i in range(levels)} & set(self.attn_resolutions)
         pag = self._select(self.pag_layers, "pag_layers", attn_res) if variant == "pag" else ()
         skip = self._select(self.skip_layers, "skip_layers", attn_res) if variant == "slg" else ()
@@ -349,14 +387,22 @@ class UNet(nn.Module):
             c = h.shape[-1]
             heads = self.num_heads if self.head_dim is None else max(1, c // self.head_dim)
             block = attn_cls(heads, self.attention_impl, name=name, **kw)
-            return block(h, key in pag)
+            return block(h, key in pag, attn_donor)
 
         emb_dim = 4 * self.ch
         emb = NoiseEmbedding(
             self.ch, emb_dim, self.embedding, self.embedding_scale, name="noise_embed", **kw
         )(jnp.broadcast_to(noise_label, (b,)))
         if self.num_classes > 0:
-            emb = emb + ClassEmbedding(self.num_classes, emb_dim, name="class_embed", **kw)(cond, b)
+            class_embed = ClassEmbedding(
+                self.num_classes,
+                emb_dim,
+                self.cep_scale,
+                self.cep_noise,
+                name="class_embed",
+                **kw,
+            )
+            emb = emb + class_embed(cond, b, train)
         augment = self._augment_embedding(augment_label, b, emb_dim, kw)
         if augment is not None:  # nothing at all is added when augment_dim=0
             emb = emb + augment
@@ -375,7 +421,7 @@ class UNet(nn.Module):
                 if res in attn_res:
                     h = attend(h, res, f"down{level}_attn{i}")
                 skips.append(h)
-            self._capture(f"enc{level}", h)
+            self._capture(f"enc{level}", h, train)
             if level < levels - 1:
                 if self.resample == "conv":
                     h = conv(h.shape[-1], stride=2, name=f"down{level}_resample", **kw)(h)
@@ -386,7 +432,7 @@ class UNet(nn.Module):
         h = res_cls(h.shape[-1], self.dropout, name="mid_res0", **kw)(h, emb, deterministic)
         h = attend(h, "mid", "mid_attn")
         h = res_cls(h.shape[-1], self.dropout, name="mid_res1", **kw)(h, emb, deterministic)
-        self._capture("mid", h)
+        self._capture("mid", h, train)
 
         for level in reversed(range(levels)):
             res = height >> level

@@ -7,6 +7,7 @@ The config-driven runs that put them together (``train_and_evaluate``) live in
 from jaxdiff.training.checkpoint import Checkpointer, load_config
 from jaxdiff.training.loop import Hook, StopSignal, mean_metrics, run_loop
 from jaxdiff.training.optim import make_optimizer
+from jaxdiff.training.smooth import SmoothTerm, step_variation
 from jaxdiff.training.state import (
     TrainState,
     abstract_state,
@@ -31,6 +32,7 @@ __all__ = [
     "Checkpointer",
     "Hook",
     "StopSignal",
+    "SmoothTerm",
     "TrainState",
     "abstract_state",
     "create_train_state",
@@ -44,6 +46,7 @@ __all__ = [
     "make_train_step",
     "mean_metrics",
     "run_loop",
+    "step_variation",
     "train_state_shardings",
     "update_ema",
 ]

@@ -42,6 +42,8 @@ class LossInputs(NamedTuple):
             ``"intermediates"`` collection (e.g. UNet's ``"mid"``), when the term asks for
             it with ``captures = True``; otherwise empty.
         key: the term's own PRNG key (independent of the denoising loss's draws).
+        frozen: the term's frozen arrays (its ``frozen`` attribute, e.g. an encoder's
+            params), passed into the step as an argument; None for a term without any.
     """
 
     params: Any
@@ -51,6 +53,7 @@ class LossInputs(NamedTuple):
     formulation: Formulation
     intermediates: dict
     key: jax.Array
+    frozen: Any = None
 
 
 class LossTerm(Protocol):
@@ -60,6 +63,11 @@ class LossTerm(Protocol):
     scalar loss, already weighted, and a dict of scalar metrics (reported as
     ``"<name>/<metric>"``). ``captures = True`` asks for the denoising pass's
     ``"intermediates"``, so a term on hidden activations (REPA) costs no extra forward.
+
+    A term may also have a ``frozen`` attribute: a pytree of arrays it reads but does not
+    train (a frozen encoder's params). The step takes them as an argument (see
+    :func:`make_train_step`) and hands them back as :attr:`LossInputs.frozen`: an array a
+    term closed over would be baked into the compiled program as a constant.
     """
 
     name: str
@@ -97,8 +105,11 @@ def make_loss_fn(
     if len(set(names)) != len(names):
         raise ValueError(f"loss terms need distinct names, got {names}")
     captures = any(t.captures for t in terms)
+    own_frozen = frozen_of(terms)
 
-    def loss_fn(params, batch, key):
+    def loss_fn(params, batch, key, frozen=None):
+        # frozen: one entry per term (None = the terms' own arrays, closed over).
+        frozen = own_frozen if frozen is None else tuple(frozen)
         k_drop, k_loss, k_net = jax.random.split(key, 3)
         labels = None
         if num_classes > 0:
@@ -148,7 +159,7 @@ def make_loss_fn(
             )
         aux = {"denoise_loss": loss}
         term_keys = jax.random.split(jax.random.fold_in(key, 0x7E4D), len(terms))
-        for term, k in zip(terms, term_keys, strict=True):
+        for term, k, term_frozen in zip(terms, term_keys, frozen, strict=True):
             inputs = LossInputs(
                 params=params,
                 batch=batch,
@@ -157,6 +168,7 @@ def make_loss_fn(
                 formulation=formulation,
                 intermediates=sown[0] if (term.captures and sown) else {},
                 key=k,
+                frozen=term_frozen,
             )
             value, metrics = term(inputs)
             loss = loss + value
@@ -182,6 +194,11 @@ def make_train_step(
     ``key`` is the run's base key: the step folds in ``state.step``, so a resumed run draws
     exactly the noise an uninterrupted run would have.
 
+    With terms that hold ``frozen`` arrays, the step also takes them as an optional fourth
+    argument ``frozen`` (one entry per term; None = the terms' own, closed over) and
+    carries them as ``train_step.frozen``: :func:`jit_train_step` passes them in as a
+    replicated argument, so they are never compiled into the program.
+
     Args:
         model: the network.
         formulation: the diffusion formulation.
@@ -197,10 +214,10 @@ def make_train_step(
     )
     project = param_projection(model)  # e.g. EDM2's forced weight normalisation
 
-    def train_step(state: TrainState, batch: Batch, key: jax.Array):
+    def train_step(state: TrainState, batch: Batch, key: jax.Array, frozen: Any = None):
         step_key = jax.random.fold_in(key, state.step)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, step_key
+            state.params, batch, step_key, frozen
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = project(optax.apply_updates(state.params, updates))
@@ -213,14 +230,59 @@ def make_train_step(
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         return new_state, metrics
 
+    frozen = frozen_of(terms)
+    train_step.frozen = frozen if any(f is not None for f in frozen) else None
     return train_step
 
 
+def frozen_of(terms: Sequence[LossTerm]) -> tuple:
+    """Each term's ``frozen`` arrays (None for a term without any)."""
+    return tuple(getattr(t, "frozen", None) for t in terms)
+
+
+class FrozenArgStep:
+    """A jitted step whose last argument, the terms' frozen arrays, is bound.
+
+    Called and lowered like the plain jitted step, ``step(state, batch, key)`` and
+    ``step.lower(state, batch, key)``; the frozen arrays (already replicated on the
+    mesh) go in as the jitted function's fourth argument, so the program holds no copy.
+
+    Attributes:
+        jitted: the ``jax.jit`` of ``step(state, batch, key, frozen)``.
+        frozen: the device-resident frozen arrays.
+    """
+
+    def __init__(self, jitted: Any, frozen: Any):
+        self.jitted = jitted
+        self.frozen = frozen
+
+    def __call__(self, state: TrainState, batch: Batch, key: jax.Array):
+        """Runs one step."""
+        return self.jitted(state, batch, key, self.frozen)
+
+    def lower(self, state: Any, batch: Any, key: Any):
+        """``jax.jit(...).lower`` with the frozen arrays bound."""
+        return self.jitted.lower(state, batch, key, self.frozen)
+
+
 def jit_train_step(step_fn: StepFn, state_shardings: Any, mesh: Mesh) -> StepFn:
-    """Jits a step with explicit shardings and the state donated (updated in place)."""
-    return jax.jit(
+    """Jits a step with explicit shardings and the state donated (updated in place).
+
+    A step carrying frozen arrays (``step_fn.frozen``, see :func:`make_train_step`) gets
+    them as a replicated argument: the result is a :class:`FrozenArgStep`, called and
+    lowered with ``(state, batch, key)`` like a plain jitted step.
+    """
+    rep = replicated(mesh)
+    frozen = getattr(step_fn, "frozen", None)
+    in_shardings = (state_shardings, batch_sharding(mesh), rep)
+    if frozen is not None:
+        in_shardings = in_shardings + (rep,)
+    jitted = jax.jit(
         step_fn,
-        in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh)),
-        out_shardings=(state_shardings, replicated(mesh)),
+        in_shardings=in_shardings,
+        out_shardings=(state_shardings, rep),
         donate_argnums=(0,),
     )
+    if frozen is None:
+        return jitted
+    return FrozenArgStep(jitted, jax.device_put(frozen, rep))

@@ -106,6 +106,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.dinov2_stats = ""  # FD-DINOv2 reference statistics
     c.eval.dinov2_weights = ""
 
+    # Smooth Diffusion's step-wise variation regulariser (jaxdiff/training/smooth.py):
+    # weight * mean((r - m)^2), r the x0 prediction's variation under a random input
+    # variation. weight 0 = off (the paper's script: 1.0). target: "batch" (m = the
+    # stop-gradient batch mean of r; the script keeps a running mean) or a fixed number.
+    c.smooth = ml_collections.ConfigDict()
+    c.smooth.weight = 0.0
+    c.smooth.target = "batch"
+
+    # REPA (jaxdiff/experiment/repa.py): weight * mean -cos(projector(h), encoder features)
+    # of the clean images; weight 0 = off (REPA: 0.5). layer: UNet "enc{level}"/"mid", DiT
+    # blocks before the aligned tokens ("" = enc1 / depth // 3); hidden: the projector's
+    # width (REPA: 2048); encoder: "digits_classifier" or converted DINOv2 weights.
+    c.repa = ml_collections.ConfigDict()
+    c.repa.weight = 0.0
+    c.repa.layer = ""
+    c.repa.hidden = 2048
+    c.repa.encoder = "digits_classifier"
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     c.mesh.fsdp = 1
@@ -128,3 +146,14 @@ def add_model_speed_options(c: ml_collections.ConfigDict, dit: bool = False) -> 
     c.model.attention_impl = ml_collections.FieldReference(None, field_type=str)
     if dit:
         c.model.scan_blocks = False
+
+
+def add_cep_options(c: ml_collections.ConfigDict) -> None:
+    """Condition-embedding perturbation (CEP) fields of the UNet and DiT class embedding.
+
+    ``cep_scale`` is CEP's gamma (0 = off): in training only, the class embedding gets
+    ``gamma / sqrt(d)`` times standard Gaussian noise (``cep_noise="gaussian"``) or
+    ``U(-gamma / sqrt(d), gamma / sqrt(d))`` noise (``"uniform"``), ``d`` its width.
+    """
+    c.model.cep_scale = 0.0
+    c.model.cep_noise = "gaussian"

@@ -7,7 +7,7 @@ Usage: ``python -m train --config=train/configs/dit_digits.py --workdir=RUN``.
 
 import ml_collections
 
-from train.configs.common import add_model_speed_options, base_config
+from train.configs.common import add_cep_options, add_model_speed_options, base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.name = "digits"
     c.model.name = "dit"
     add_model_speed_options(c, dit=True)
+    add_cep_options(c)
     c.model.patch_size = 2
     c.model.hidden_size = 96
     c.model.depth = 6
@@ -29,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.ema_rates = (0.999,)
     c.train.log_every = 100
     c.train.checkpoint_every = 1000
+    c.repa.hidden = 256  # REPA's 2048 would cost more than the network on a CPU
     c.sample.grid_size = 100
     c.sample.grid_scale = 4
     return c
