@@ -26,6 +26,7 @@ DUMMY = {
     "guide_denoise": lambda x, sigma, cond: x,
     "log_prob_fn": lambda x, sigma, y: x[:, 0],
     "logits_fn": lambda x0: x0,
+    "features_fn": lambda x0: x0.reshape(x0.shape[0], -1),
 }
 
 # Registry name -> class it builds: the table in the registry docstring and docs/guidance.md.
@@ -47,6 +48,9 @@ CLASSES = {
     "cfgzero*": "CFGZeroStar",
     "pag": "PerturbedGuidance",
     "slg": "PerturbedGuidance",
+    "negtome": "NegToMe",
+    "vendi": "VendiGuidance",
+    "cvsg": "VendiGuidance",
 }
 
 
@@ -94,6 +98,8 @@ def test_every_registered_name_builds_from_a_string_with_its_resources():
             first = g.inner.scale
         elif name in ("pag", "slg"):
             first = g.perturb_scale
+        elif name == "negtome":
+            first = g.alpha
         else:
             first = g.scale
         assert first == 1.5, name  # the positional value is the factory's scale

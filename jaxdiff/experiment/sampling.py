@@ -144,6 +144,10 @@ def _pop_keys(spec: str, keys: tuple[str, ...]) -> tuple[str, dict[str, str]]:
     return head + (":" + ",".join(keep) if keep else ""), popped
 
 
+CLASSIFIER_RESOURCES = frozenset({"log_prob_fn", "logits_fn", "features_fn"})
+"""Guidance resources that come from a classifier file (``classifier=PATH``)."""
+
+
 def _classifier_fns(path: str | None) -> dict[str, Any]:
     from jaxdiff.metrics.classifier import load_classifier, noisy_classifier_inputs
 
@@ -157,7 +161,7 @@ def _classifier_fns(path: str | None) -> dict[str, Any]:
         logp = jax.nn.log_softmax(clf.logits(x_in, label))
         return jnp.take_along_axis(logp, jnp.asarray(y)[:, None], axis=1)[:, 0]
 
-    fns = {"logits_fn": logits_fn}
+    fns = {"logits_fn": logits_fn, "features_fn": clf.features}
     if clf.model.noise_conditioned:  # only a noise-aware classifier can judge noisy x
         fns["log_prob_fn"] = log_prob_fn
     return fns
@@ -179,7 +183,7 @@ def check_guidance_spec(spec: str) -> tuple[str, dict[str, str], set[str]]:
     rest, keys = _pop_keys(spec, GUIDE_KEYS)
     name = rest.partition(":")[0].strip().lower()
     needs = set(REQUIRES.get(name, ()))
-    uses_classifier = bool({"log_prob_fn", "logits_fn"} & needs)
+    uses_classifier = bool(CLASSIFIER_RESOURCES & needs)
     used = ({"guide", "guide_ema"} if "guide_denoise" in needs else set()) | (
         {"classifier"} if uses_classifier else set()
     )
@@ -225,7 +229,8 @@ def build_guidance(spec: str | None) -> Guidance | None:
     * ``classifier:1.0,classifier=PATH`` and ``minority:...,classifier=PATH`` use a
       noise-aware classifier file (``--config.noise_aware=True`` of the classifier
       trainer, ``train/configs/digits_classifier.py``);
-    * ``elucd:...`` and ``gfcg:...`` use a clean classifier on x0; ``classifier=PATH``
+    * ``elucd:...``, ``gfcg:...`` and ``vendi:...`` (its feature network) use a clean
+      classifier on x0; ``classifier=PATH``
       defaults to the shipped digits classifier.
 
     Raises:
@@ -243,7 +248,7 @@ def build_guidance(spec: str | None) -> Guidance | None:
         ema = keys.get("guide_ema", "default")
         bad = load_run(keys["guide"], ema=None if ema == "none" else ema)
         resources["guide_denoise"] = model_denoiser(bad.model, bad.formulation, bad.params)
-    if {"log_prob_fn", "logits_fn"} & needs:
+    if CLASSIFIER_RESOURCES & needs:
         resources.update(_classifier_fns(keys.get("classifier")))
         if "log_prob_fn" in needs and "log_prob_fn" not in resources:
             raise InvalidArgumentError(

@@ -25,11 +25,21 @@ from jaxdiff.guidance.elucd import EluCD, calibrated_log_likelihood, elucd
 from jaxdiff.guidance.gfcg import GFCG, gfcg, reference_class
 from jaxdiff.guidance.interval import Interval, interval, interval_from_steps, within_interval
 from jaxdiff.guidance.minority import MinorityGuidance, minority
+from jaxdiff.guidance.negtome import NegToMe, negtome
 from jaxdiff.guidance.perturbed import PerturbedGuidance, pag, slg
 from jaxdiff.guidance.registry import GUIDANCE, REQUIRES, parse_guidance, parse_spec
 from jaxdiff.guidance.rescale import CFGRescale, rescale
 from jaxdiff.guidance.spaces import SPACES, from_space, to_space
 from jaxdiff.guidance.switch import cond_guidance
+from jaxdiff.guidance.vendi import (
+    VendiBank,
+    VendiGuidance,
+    bank_add,
+    bank_from_features,
+    vendi,
+    vendi_entropy,
+    vendi_score,
+)
 
 __all__ = [
     "APG",
@@ -51,12 +61,17 @@ __all__ = [
     "GuideOut",
     "Interval",
     "MinorityGuidance",
+    "NegToMe",
     "NoGuidance",
     "PerturbedGuidance",
     "StepCtx",
+    "VendiBank",
+    "VendiGuidance",
     "ag",
     "apg",
     "autoguidance",
+    "bank_add",
+    "bank_from_features",
     "batch_sigma",
     "calibrated_log_likelihood",
     "cfg",
@@ -72,6 +87,7 @@ __all__ = [
     "interval",
     "interval_from_steps",
     "minority",
+    "negtome",
     "pag",
     "parse_guidance",
     "parse_spec",
@@ -81,5 +97,8 @@ __all__ = [
     "slg",
     "to_ho_salimans",
     "to_space",
+    "vendi",
+    "vendi_entropy",
+    "vendi_score",
     "within_interval",
 ]

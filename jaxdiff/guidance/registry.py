@@ -20,6 +20,8 @@ argument (always the scale). Registry names, their factories and the classes the
     cfg_zero_star, cfgzero*    cfg_zero_star          CFGZeroStar
     pag                        pag                    PerturbedGuidance (variant "pag")
     slg                        slg                    PerturbedGuidance (variant "slg")
+    negtome                    negtome                NegToMe (variant "negtome")
+    vendi, cvsg                vendi                  VendiGuidance        features_fn
 
 "needs" lists the Python callables (resources, see :data:`REQUIRES`) a method cannot be
 built without: pass them to :func:`parse_guidance` as keywords. A higher layer (the
@@ -46,8 +48,10 @@ from jaxdiff.guidance.elucd import elucd
 from jaxdiff.guidance.gfcg import gfcg
 from jaxdiff.guidance.interval import interval
 from jaxdiff.guidance.minority import minority
+from jaxdiff.guidance.negtome import negtome
 from jaxdiff.guidance.perturbed import pag, slg
 from jaxdiff.guidance.rescale import rescale
+from jaxdiff.guidance.vendi import vendi
 
 GUIDANCE: dict[str, Callable[..., Guidance]] = {
     "cfg": cfg,
@@ -67,6 +71,9 @@ GUIDANCE: dict[str, Callable[..., Guidance]] = {
     "cfgzero*": cfg_zero_star,
     "pag": pag,
     "slg": slg,
+    "negtome": negtome,
+    "vendi": vendi,
+    "cvsg": vendi,
 }
 """Guidance factories by registry name (see the table in the module docstring)."""
 
@@ -76,6 +83,8 @@ _NEEDS = {
     "minority": ("log_prob_fn",),
     "elucd": ("logits_fn",),
     "gfcg": ("logits_fn",),
+    "vendi": ("features_fn",),
+    "cvsg": ("features_fn",),
 }
 REQUIRES: dict[str, tuple[str, ...]] = {name: _NEEDS.get(name, ()) for name in GUIDANCE}
 """The resources (Python callables) each registry name needs: ``()`` for most, e.g.
@@ -93,6 +102,10 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "logits_fn": (
         "a clean-data classifier x0 -> [B, K] logits",
         "classifier=PATH (a classifier file)",
+    ),
+    "features_fn": (
+        "a feature network x0 -> [B, F] features",
+        "classifier=PATH (its penultimate features; default the shipped digits classifier)",
     ),
 }
 """Each resource: (what it is, how to give it on the command line)."""
