@@ -17,7 +17,7 @@ from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.experiment import builders
 from jaxdiff.experiment.train import build_experiment, build_train_step
 from jaxdiff.models import DiT
-from jaxdiff.models.layers import cudnn_attention_calls, resolve_attention
+from jaxdiff.models.attention import cudnn_attention_calls, resolve_attention
 from jaxdiff.parallel import batch_sharding, global_batch, make_mesh, prefetch_to_mesh
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from jaxdiff.models import DiT, UNet, create_model
+from jaxdiff.models.attention import SelfAttention
 from jaxdiff.models.layers import (
     LOGICAL_AXES,
     ClassEmbedding,
-    SelfAttention,
     check_variant,
     fourier_features,
     sinusoidal_features,

@@ -13,17 +13,12 @@ from typing import Any
 
 import flax.linen as nn
 
+from jaxdiff.models.attention import ATTENTION_IMPLS, cudnn_attention_calls, resolve_attention
 from jaxdiff.models.classifier import Classifier
 from jaxdiff.models.dit import DIT_CONFIGS, DiT, dit_config
 from jaxdiff.models.dit_layout import stack_blocks, to_layout, unstack_blocks
 from jaxdiff.models.edm2 import EDM2_CONFIGS, EDM2UNet, force_weight_norm
-from jaxdiff.models.layers import (
-    ATTENTION_IMPLS,
-    LOGICAL_AXES,
-    VARIANTS,
-    cudnn_attention_calls,
-    resolve_attention,
-)
+from jaxdiff.models.layers import LOGICAL_AXES, VARIANTS
 from jaxdiff.models.mlp import MLP
 from jaxdiff.models.remat import REMAT_POLICIES, maybe_remat
 from jaxdiff.models.unet import UNet

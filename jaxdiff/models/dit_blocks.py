@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.models.layers import SelfAttention, dense, zeros
+from jaxdiff.models.attention import SelfAttention
+from jaxdiff.models.layers import dense, zeros
 
 MERGE_MODES: tuple[str, ...] = ("others", "first")
 """Reference sets of negative token merging (see :func:`merge_tokens`)."""

@@ -35,12 +35,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.attention import SelfAttention
 from jaxdiff.models.aux_time import aux_time_embedding
 from jaxdiff.models.layers import (
     UNET_VARIANTS,
     ClassEmbedding,
     NoiseEmbedding,
-    SelfAttention,
     check_variant,
     dense,
     group_norm,
@@ -160,7 +160,7 @@ class AttnBlock(nn.Module):
           x: ``[B, H, W, C]``.
           identity: Static; identity attention map (perturbed-attention guidance).
           donor: int ``[B]`` or None: example ``i`` takes example ``donor[i]``'s attention
-            probabilities (see :class:`~jaxdiff.models.layers.SelfAttention`).
+            probabilities (see :class:`~jaxdiff.models.attention.SelfAttention`).
 
         Returns:
           ``[B, H, W, C]``.
