@@ -197,6 +197,7 @@ def test_config_off_builds_nothing_and_errors_name_the_fix():
 
 
 def test_train_cli_with_repa_then_sampling_ignores_the_projector(tmp_path):
+    """One CLI run for every training switch: REPA, Smooth Diffusion and CEP together."""
     from jaxdiff.experiment import generate_samples, load_run, resolve_sampler
 
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -209,6 +210,9 @@ def test_train_cli_with_repa_then_sampling_ignores_the_projector(tmp_path):
         "--config.sample.grid_size=0",
         "--config.repa.weight=0.5",
         "--config.repa.hidden=16",
+        "--config.smooth.weight=1",
+        "--config.model.cep_scale=1.0",
+        "--config.model.cep_noise=uniform",
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "train", *args],
@@ -222,6 +226,7 @@ def test_train_cli_with_repa_then_sampling_ignores_the_projector(tmp_path):
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     last = [m for m in logged if "repa/loss" in m][-1]
     assert np.isfinite(last["repa/loss"]) and -1 <= last["repa/cos"] <= 1
+    assert np.isfinite(last["smooth/loss"]) and last["smooth/variation"] > 0
     run = load_run(tmp_path)
     assert "repa_projector" in run.params and run.model.repa_dim == 32
     spec = resolve_sampler(run.config.sample, num_classes=run.num_classes, steps=2)
