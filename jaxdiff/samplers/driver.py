@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -44,6 +45,45 @@ def _renoise_error(solver: Solver, guidance: Guidance) -> InvalidArgumentError:
         f"(GuideOut.x0_renoise) that {type(guidance).__name__} returns, so CFG++ would "
         f"silently become plain CFG: use one of the solvers {', '.join(able)}"
     )
+
+
+def step_denoisers(
+    denoise: Denoiser,
+    guidance: Guidance,
+    solver: Solver,
+    sigmas: jax.Array,
+    cond: Cond,
+    uncond: Cond,
+    keys: jax.Array,
+    num_steps: int,
+) -> Callable[[jax.Array], tuple[Any, jax.Array]]:
+    """``at_step(i) -> (den, solver_keys)``: the guided denoiser a solver calls at step ``i``.
+
+    Shared by :func:`sample` and the inversion scans: ``den(x, sigma, ev, substep=0)``
+    evaluates ``guidance`` on ``denoise`` with the step's context, casts its outputs to
+    the state's dtype, counts the evaluations in ``ev`` and refuses a separate re-noising
+    estimate (CFG++) that ``solver`` would drop.
+    """
+
+    def typed_denoise(xx, sigma, c, **kwargs):
+        # A denoiser of another precision must not change the scan carry's dtype.
+        return jnp.asarray(denoise(xx, sigma, c, **kwargs)).astype(xx.dtype)
+
+    def at_step(i):
+        solver_keys, guide_keys = step_keys(keys, i)
+
+        def den(xx, sigma, ev, substep=0):
+            ctx = StepCtx(i, sigma, sigmas[i + 1], guide_keys, num_steps, substep)
+            out, gstate = guidance(typed_denoise, xx, ctx, cond, uncond, ev.guidance)
+            if out.x0_renoise is not None and not solver.honours_renoise:
+                raise _renoise_error(solver, guidance)
+            renoise = None if out.x0_renoise is None else out.x0_renoise.astype(xx.dtype)
+            out = GuideOut(out.x0.astype(xx.dtype), out.nfe, renoise, out.aux)
+            return out, EvalState(gstate, ev.nfe + out.nfe)
+
+        return den, solver_keys
+
+    return at_step
 
 
 def sample(
@@ -102,23 +142,11 @@ def sample(
     keys = batch_keys(key, x.shape[0])
     ev0 = EvalState(guidance.init(x.shape, x.dtype), jnp.zeros((), jnp.int32))
 
-    def typed_denoise(xx, sigma, c, **kwargs):
-        # A denoiser of another precision must not change the scan carry's dtype.
-        return jnp.asarray(denoise(xx, sigma, c, **kwargs)).astype(xx.dtype)
+    at_step = step_denoisers(denoise, guidance, solver, sigmas, cond, uncond, keys, num_steps)
 
     def body(carry, i):
         x, state, ev = carry
-        solver_keys, guide_keys = step_keys(keys, i)
-
-        def den(xx, sigma, ev, substep=0):
-            ctx = StepCtx(i, sigma, sigmas[i + 1], guide_keys, num_steps, substep)
-            out, gstate = guidance(typed_denoise, xx, ctx, cond, uncond, ev.guidance)
-            if out.x0_renoise is not None and not solver.honours_renoise:
-                raise _renoise_error(solver, guidance)
-            renoise = None if out.x0_renoise is None else out.x0_renoise.astype(xx.dtype)
-            out = GuideOut(out.x0.astype(xx.dtype), out.nfe, renoise, out.aux)
-            return out, EvalState(gstate, ev.nfe + out.nfe)
-
+        den, solver_keys = at_step(i)
         x, state, ev = solver.step(den, x, i, sigmas, state, ev, solver_keys)
         return (x, state, ev), None
 

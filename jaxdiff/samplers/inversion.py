@@ -34,9 +34,9 @@ from jax.typing import ArrayLike
 from jaxdiff.diffusion.formulation import Cond, Denoiser
 from jaxdiff.diffusion.schedules import karras_sigmas
 from jaxdiff.errors import InvalidArgumentError
-from jaxdiff.guidance.base import Guidance, GuideOut, NoGuidance, StepCtx
-from jaxdiff.samplers.base import EvalState, Solver, batch_keys, step_keys
-from jaxdiff.samplers.driver import sample, sampling_dtype
+from jaxdiff.guidance.base import Guidance, NoGuidance
+from jaxdiff.samplers.base import EvalState, Solver, batch_keys
+from jaxdiff.samplers.driver import sample, sampling_dtype, step_denoisers
 
 EDIT_MODES = ("source", "both")
 """Where :func:`direct_inversion_edit` adds the per-step correction: ``"source"`` (the
@@ -101,32 +101,6 @@ def _check_grid(sigmas: jax.Array) -> int:
     return sigmas.shape[0] - 1
 
 
-def _guided(denoise, guidance, solver, sigmas, cond, uncond, keys, num_steps):
-    """``at_step(i) -> (den, solver_keys)``: step ``i``'s guided denoiser, as the driver's."""
-
-    def typed(xx, sigma, c, **kwargs):
-        return jnp.asarray(denoise(xx, sigma, c, **kwargs)).astype(xx.dtype)
-
-    def at_step(i):
-        solver_keys, guide_keys = step_keys(keys, i)
-
-        def den(xx, sigma, ev, substep=0):
-            ctx = StepCtx(i, sigma, sigmas[i + 1], guide_keys, num_steps, substep)
-            out, gstate = guidance(typed, xx, ctx, cond, uncond, ev.guidance)
-            if out.x0_renoise is not None and not solver.honours_renoise:
-                raise InvalidArgumentError(
-                    f"{type(solver).__name__} cannot honour {type(guidance).__name__}'s "
-                    "separate re-noising estimate: use euler or ddim with it"
-                )
-            renoise = None if out.x0_renoise is None else out.x0_renoise.astype(xx.dtype)
-            out = GuideOut(out.x0.astype(xx.dtype), out.nfe, renoise, out.aux)
-            return out, EvalState(gstate, ev.nfe + out.nfe)
-
-        return den, solver_keys
-
-    return at_step
-
-
 def invert(
     denoise: Denoiser,
     x0: ArrayLike,
@@ -173,7 +147,7 @@ def invert(
     guidance = NoGuidance() if guidance is None else guidance
     x = jnp.asarray(x0, dtype)
     keys = batch_keys(key, x.shape[0])
-    at_step = _guided(denoise, guidance, solver, sigmas, cond, uncond, keys, num_steps)
+    at_step = step_denoisers(denoise, guidance, solver, sigmas, cond, uncond, keys, num_steps)
     ev0 = EvalState(guidance.init(x.shape, x.dtype), jnp.zeros((), jnp.int32))
 
     def body(carry, i):
@@ -351,7 +325,7 @@ def direct_inversion_edit(
     ev0 = EvalState(guidance.init(x.shape, x.dtype), jnp.zeros((), jnp.int32))
 
     def body_for(den_fn):
-        at_step = _guided(den_fn, guidance, solver, down, cond, null, keys, k)
+        at_step = step_denoisers(den_fn, guidance, solver, down, cond, null, keys, k)
 
         def body(carry, inputs):
             x, state, ev = carry
