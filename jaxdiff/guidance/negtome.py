@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.struct
@@ -14,7 +13,7 @@ from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.guidance.base import Guidance, NoGuidance, State
 from jaxdiff.guidance.cfg import cfg
 from jaxdiff.guidance.checks import check_choice, check_number
-from jaxdiff.guidance.switch import cond_guidance
+from jaxdiff.guidance.switch import in_window, step_window
 from jaxdiff.models.dit_blocks import MERGE_MODES, TokenMerge
 
 
@@ -69,7 +68,7 @@ class NegToMe:
 
     def window(self, num_steps: int) -> tuple[int, int]:
         """The static step range ``[first, end)`` where tokens merge, for N steps."""
-        return math.ceil(self.start * num_steps - 1e-9), math.ceil(self.stop * num_steps - 1e-9)
+        return step_window(self.start, self.stop, num_steps)
 
     def merging(self, denoise, b: int):
         """``denoise`` with the ``"negtome"`` variant for calls on ``k * b`` samples."""
@@ -101,12 +100,7 @@ class NegToMe:
         def off():
             return self.base(denoise, x, ctx, cond, uncond, state)
 
-        first, end = self.window(ctx.num_steps)
-        if first <= 0 and end >= ctx.num_steps:
-            return on()
-        if end <= first:
-            return off()
-        return cond_guidance((ctx.i >= first) & (ctx.i < end), on, off)
+        return in_window(self.start, self.stop, ctx.i, ctx.num_steps, on, off)
 
 
 def negtome(

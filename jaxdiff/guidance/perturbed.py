@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.struct
@@ -12,7 +11,7 @@ from jax.typing import ArrayLike
 from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.guidance.base import GuideOut, State, batch_sigma, eval_branches, per_sample
 from jaxdiff.guidance.checks import check_number
-from jaxdiff.guidance.switch import cond_guidance
+from jaxdiff.guidance.switch import in_window, step_window
 
 
 @flax.struct.dataclass
@@ -56,7 +55,7 @@ class PerturbedGuidance:
 
     def window(self, num_steps: int) -> tuple[int, int]:
         """The static step range ``[first, end)`` of the perturbed term for N steps."""
-        return math.ceil(self.start * num_steps - 1e-9), math.ceil(self.stop * num_steps - 1e-9)
+        return step_window(self.start, self.stop, num_steps)
 
     def __call__(self, denoise, x: jax.Array, ctx, cond, uncond, state):
         """Returns the guided x0 estimate; see the class docstring."""
@@ -79,12 +78,7 @@ class PerturbedGuidance:
             x0, _, nfe = unperturbed()
             return GuideOut(x0=x0, nfe=nfe), state
 
-        first, end = self.window(ctx.num_steps)
-        if first <= 0 and end >= ctx.num_steps:
-            return on()
-        if end <= first:
-            return off()
-        return cond_guidance((ctx.i >= first) & (ctx.i < end), on, off)
+        return in_window(self.start, self.stop, ctx.i, ctx.num_steps, on, off)
 
 
 def _make(variant, perturb_scale, scale, start, stop) -> PerturbedGuidance:

@@ -9,6 +9,7 @@ branches are compiled. Under ``jax.vmap`` with a batched predicate ``cond`` beco
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -58,3 +59,27 @@ def cond_guidance(pred: jax.Array | bool, on_fn: Branch, off_fn: Branch) -> tupl
     return jax.lax.cond(
         jnp.asarray(pred), _harmonize(on_fn, renoise, aux), _harmonize(off_fn, renoise, aux)
     )
+
+
+def step_window(start: float, stop: float, num_steps: int) -> tuple[int, int]:
+    """The static step range ``[first, end)`` of a window given as fractions of N steps.
+
+    Step ``i`` is inside when ``start N <= i < stop N`` (as diffusers' PAG/SLG windows).
+    """
+    return math.ceil(start * num_steps - 1e-9), math.ceil(stop * num_steps - 1e-9)
+
+
+def in_window(
+    start: float, stop: float, i: jax.Array, num_steps: int, on_fn: Branch, off_fn: Branch
+) -> tuple[GuideOut, Any]:
+    """``on_fn`` inside the step window ``[start N, stop N)``, ``off_fn`` outside it.
+
+    A window covering every step (or none) picks its branch statically, so nothing extra
+    is compiled; otherwise :func:`cond_guidance` on the step index skips the other branch.
+    """
+    first, end = step_window(start, stop, num_steps)
+    if first <= 0 and end >= num_steps:
+        return on_fn()
+    if end <= first:
+        return off_fn()
+    return cond_guidance((i >= first) & (i < end), on_fn, off_fn)
