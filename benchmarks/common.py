@@ -396,3 +396,11 @@ def save_labelled_rows(rows: Sequence[np.ndarray], names: Sequence[str], out: st
     for i, name in enumerate(names):
         draw.text((6, int(i * cell + cell / 2) - 6), name, fill="black")
     canvas.save(out)
+
+
+def append_jsonl(path: str | None, rows: Sequence[dict[str, Any]]) -> None:
+    """Appends ``rows`` to ``path`` as JSON lines (nothing when ``path`` is None)."""
+    if path:
+        with open(path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")

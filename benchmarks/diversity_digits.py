@@ -28,14 +28,13 @@ of the class's samples (cosine kernel on the same features). Prints a Markdown t
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import smoke_workdir
+from benchmarks.common import append_jsonl, smoke_workdir
 from jaxdiff.data.digits import load_digits
 from jaxdiff.experiment import load_run, resolve_sampler
 from jaxdiff.generate import class_conditions, model_denoiser
@@ -157,9 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             vals = " | ".join(f"{row[c]:.4f}" for c in COLUMNS)
             lines.append(f"| `{method}` | {vals} | {secs:.0f} |")
             print(lines[-1], flush=True)
-            if args.jsonl:
-                with open(args.jsonl, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            append_jsonl(args.jsonl, [row])
     print("\n".join(lines))
 
 

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import time
 
 import jax
 
-from benchmarks.common import smoke_workdir
+from benchmarks.common import append_jsonl, smoke_workdir
 from jaxdiff.data import load_digits
 from jaxdiff.experiment import load_run, resolve_sampler, sample_and_evaluate
 from jaxdiff.metrics import evaluate_samples, get_evaluator
@@ -131,10 +130,7 @@ def _evaluate(
         print(lines[-1], flush=True)
 
     print("\n".join(lines))
-    if args.jsonl:
-        with open(args.jsonl, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+    append_jsonl(args.jsonl, records)
 
 
 if __name__ == "__main__":

@@ -28,14 +28,13 @@ lines with ``--jsonl``).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import smoke_workdir
+from benchmarks.common import append_jsonl, smoke_workdir
 from jaxdiff.experiment import load_run, resolve_sampler, sample_and_evaluate
 from jaxdiff.generate import class_conditions, model_denoiser
 from jaxdiff.metrics import get_evaluator
@@ -139,9 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             vals = " | ".join(f"{row[c]:.4f}" if c in row else "-" for c in COLUMNS + SMOOTH)
             lines.append(f"| {wd} | {run.step} | {vals} | {time.perf_counter() - start:.0f} |")
             print(lines[-1], flush=True)
-            if args.jsonl:
-                with open(args.jsonl, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            append_jsonl(args.jsonl, [row])
     print("\n".join(lines))
 
 
