@@ -19,9 +19,31 @@ COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 INSTALL_TARGET = f"jaxdiff @ git+https://{REPO}"
 
 
-def tiny_overrides(name: str, tmp_path: Path, teacher: Path) -> dict:
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """Converted tiny DiTs (p2 main, p4 guide) and SD-VAE from the upstream goldens."""
+    from test_pretrained_convert import golden_state_dict
+
+    from jaxdiff.pretrained.convert import convert
+
+    folder = tmp_path_factory.mktemp("weights")
+    files = {}
+    for name, key, overrides in (
+        ("dit_p2_sigma", "MODEL", {"num_heads": 4}),  # width 32 is no published size
+        ("dit_p4_eps", "GUIDE", {"num_heads": 2}),
+        ("vae_tiny", "VAE", {"norm_num_groups": 4}),
+    ):
+        src, _, _ = golden_state_dict(name, folder)
+        files[key] = str(folder / f"{name}.safetensors")
+        convert(str(src), files[key], overrides=overrides)
+    return files
+
+
+def tiny_overrides(name: str, tmp_path: Path, teacher: Path, request) -> dict:
     """The parameter values each notebook runs with in the suite (every key must exist)."""
     common = {"WORKDIR": str(tmp_path / "run")}
+    if name == "pretrained.ipynb":  # converting the goldens costs seconds: only here
+        return {**request.getfixturevalue("tiny_weights"), "LABELS": [1, 2], "STEPS": 2}
     return {
         "quickstart.ipynb": {
             **common,
@@ -30,6 +52,15 @@ def tiny_overrides(name: str, tmp_path: Path, teacher: Path) -> dict:
             "GRID_SIZE": 0,
             "NUM_SAMPLES": 10,
         },
+        "distillation.ipynb": {
+            "TEACHER": str(teacher),
+            "FDISTILL_STEPS": 5,  # 4 critic updates, then the first generator update
+            "CONSISTENCY_STEPS": 2,
+            "FDISTILL_DIR": str(tmp_path / "fdistill"),
+            "CONSISTENCY_DIR": str(tmp_path / "consistency"),
+            "EVAL_SAMPLES": 20,
+        },
+        "custom_sampler.ipynb": {"STEP_COUNTS": [16, 32, 64], "BATCH": 4, "RUN": str(teacher)},
     }.get(name, common)
 
 
@@ -86,12 +117,12 @@ def test_every_notebook_is_covered():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_at_tiny_size(path, tmp_path, trained_run):
+def test_notebook_runs_at_tiny_size(path, tmp_path, trained_run, request):
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    overrides = tiny_overrides(path.name, tmp_path, trained_run)
+    overrides = tiny_overrides(path.name, tmp_path, trained_run, request)
     params = _tagged(nb, "parameters")[0]
     declared = {line.split("=")[0].strip() for line in params.source.splitlines() if "=" in line}
     missing = set(overrides) - declared
