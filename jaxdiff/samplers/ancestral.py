@@ -84,9 +84,9 @@ class EulerAncestral(_EtaSolver):
 
     ``x' = x0 + sigma_down (x - x0_renoise) / sigma + s_noise sigma_up z``, i.e.
     ``x + (sigma_down - sigma) d`` with ``d = (x - x0) / sigma`` when there is no separate
-    re-noising estimate; with one (CFG++) this is k-diffusion's CFG++ form of the sampler.
-    NFE = N. ``eta = 1`` is DDPM's ancestral sampler; ``eta = 0`` is exactly Euler (no noise
-    is drawn and no key is needed).
+    re-noising estimate; with one (CFG++) this is the CFG++ form of the sampler (as in
+    ComfyUI's fork of k-diffusion). NFE = N. ``eta = 1`` is DDPM's ancestral sampler;
+    ``eta = 0`` is exactly Euler (no noise is drawn and no key is needed).
 
     Attributes:
         eta: fraction of the step's noise that is fresh (0 = deterministic).
