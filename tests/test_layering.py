@@ -4,13 +4,14 @@ Layers, lowest first; a module may import its own layer and lower ones only:
 
 0. ``errors``, ``utils``
 1. ``parallel``, ``diffusion``, ``models``, ``data``
-2. ``guidance``
-3. ``samplers``
-4. ``generate``
-5. ``metrics``
-6. ``training``
-7. ``distill``
-8. ``experiment`` (the composition layer: the only one that reads a config)
+2. ``pretrained``
+3. ``guidance``
+4. ``samplers``
+5. ``generate``
+6. ``metrics``
+7. ``training``
+8. ``distill``
+9. ``experiment`` (the composition layer: the only one that reads a config)
 
 ``train/`` and ``sample/`` (the CLIs) sit above all of them.
 """
