@@ -318,7 +318,7 @@ def make_iterator(
 
     Args:
         source: Random-access source (``__len__``, ``__getitem__``; ``get_batch`` is used
-            when present), e.g. from :func:`get_dataset`.
+            when present), e.g. from :func:`.registry.get_dataset`.
         global_batch_size: Batch size summed over all processes.
         seed: Non-negative seed for the shuffle order and the augmentation keys.
         shuffle: Whether to reshuffle every epoch; if ``False``, source order is kept.

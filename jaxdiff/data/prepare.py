@@ -7,7 +7,7 @@ Usage::
 
 then train with ``--config.data.name=arrayrecord --config.data.path=data/imagenet64``.
 
-Every image is decoded and center-cropped exactly as :class:`ImageFolderSource` does
+Every image is decoded and center-cropped exactly as :class:`.imagefolder.ImageFolderSource` does
 (ADM's recipe) and stored as uint8 pixels, in the folder's sorted order, with the class
 labels; ``dataset.json`` keeps the class names (see :mod:`jaxdiff.data.shards`).
 

@@ -89,7 +89,7 @@ def get_dataset(
     * ``"latents"``: VAE latents at ``path`` encoded by ``python -m
       jaxdiff.pretrained.encode`` (:class:`jaxdiff.data.latents.LatentSource`): the scaled
       posterior mean, or with ``latents="sample"`` a posterior sample per draw (apply the
-      source's ``.augmentation`` in :func:`make_iterator`).
+      source's ``.augmentation`` in :func:`.pipeline.make_iterator`).
     * Known TFDS names (``"cifar10"``, ``"mnist"``, ``"imagenet_resized/32x32"``, ...) and
       ``"tfds:<any tfds name>"``: read from ``data_dir`` via :func:`load_tfds`.
 
@@ -109,7 +109,7 @@ def get_dataset(
         latent_shift: ``"latents"`` only: override the VAE shift of the metadata.
 
     Returns:
-        A source for :func:`make_iterator`; ``source.info`` holds ``image_shape``,
+        A source for :func:`.pipeline.make_iterator`; ``source.info`` holds ``image_shape``,
         ``num_classes`` and ``num_examples``.
 
     Raises:

@@ -180,7 +180,7 @@ def write_arrays(
     encoding: str = "raw",
     overwrite: bool = False,
 ) -> str:
-    """Writes aligned arrays as a prepared dataset readable by :class:`ArrayRecordSource`.
+    """Writes aligned arrays as a prepared dataset readable by :class:`.shards.ArrayRecordSource`.
 
     Args:
         path: Destination folder (local or ``gs://``).

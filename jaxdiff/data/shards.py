@@ -14,8 +14,8 @@ arrays of any numeric dtype (latents, features; bfloat16 via ml_dtypes) read bac
 float32 values as stored.
 
 array_record (>= 0.8, built with riegeli's GcsReader) reads local files and ``gs://``
-URLs but writes local files only, so :class:`ShardWriter` writes a local temporary file
-and uploads it through :mod:`jaxdiff.utils.storage`.
+URLs but writes local files only, so :class:`.shard_writer.ShardWriter` writes a local
+temporary file and uploads it through :mod:`jaxdiff.utils.storage`.
 
 :mod:`jaxdiff.data.shard_writer` writes them. Example::
 

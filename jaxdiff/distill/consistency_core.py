@@ -361,7 +361,7 @@ def sample_consistency(
         formulation: the teacher's formulation (the one ``F`` was trained under).
         cfg: the run's :class:`~jaxdiff.distill.consistency.CDConfig` or ``CTConfig``
             (``sigma_min``, ``sigma_data``, ``sigma_max``, and ``rho`` if it has one).
-        sigmas: the levels, first = the start; default: :func:`few_step.student_sigmas`
+        sigmas: the levels, first = the start; default: :func:`.few_step.student_sigmas`
             of ``num_steps`` between ``max(sigma_min, 0.002)`` and ``cfg.sigma_max``.
         key: re-noising key (needed for more than one level).
         num_steps: levels of the default ``sigmas``.

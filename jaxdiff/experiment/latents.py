@@ -4,8 +4,8 @@ A latent diffusion model samples *scaled* latents ``z = (raw - shift) * scale``;
 and shift belong to the model (DiT multiplies by 0.18215, EDM2 standardises each channel),
 not to the VAE file. :func:`latent_scaling` finds them for a run (a converted published
 network, or a run trained on latents from ``python -m jaxdiff.pretrained.encode``), and
-:func:`make_decoder` pairs them with a converted VAE file into a
-``latents -> images in [-1, 1]`` function for grids, ``.npz`` files and metrics.
+:func:`run_vae` pairs them with a converted VAE file, whose ``decode`` maps
+``latents -> images in [-1, 1]`` for grids, ``.npz`` files and metrics.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Published networks as runs: a converted weight file samples like a trained workdir.
 
 :func:`load_pretrained_run` turns a file written by ``python -m jaxdiff.pretrained.convert``
-into the same :class:`~jaxdiff.experiment.runs.TrainedModel` that :func:`load_run` returns
+into the same :class:`~jaxdiff.experiment.runs.TrainedModel` that :func:`.runs.load_run` returns
 for a workdir, with a sampler config that follows the model's paper, so
 ``python -m sample --workdir=dit-xl2-256.safetensors --guidance=apg:...`` and
 ``guide=edm2-img512-xs.safetensors`` work like their workdir forms.

@@ -47,7 +47,7 @@ class NegToMe:
     sampling). Outside it the merged network is skipped with a ``lax.cond``.
 
     Attributes:
-        base: the guidance evaluated with the merging network (e.g. :class:`CFG`).
+        base: the guidance evaluated with the merging network (e.g. :class:`.cfg.CFG`).
         alpha: merge strength (scalar or ``[B]``); 0 = the base guidance.
         tau: similarity threshold (scalar).
         start: static; window start as a fraction of the steps.
@@ -129,7 +129,7 @@ def negtome(
         stop: window end (fraction of steps).
         mode: ``"others"`` (every other image of the batch) or ``"first"`` (the
             batch's first image is the reference and is left unchanged).
-        base: a base guidance instead of ``scale`` (e.g. an :func:`interval` CFG).
+        base: a base guidance instead of ``scale`` (e.g. an :func:`.interval.interval` CFG).
 
     Raises:
         InvalidArgumentError: for a negative or non-finite alpha, a threshold outside

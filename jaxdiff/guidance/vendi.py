@@ -38,7 +38,6 @@ FORMS = ("x0", "state")
 GRADS = ("x0", "denoiser")
 
 
-@jax.custom_jvp
 def vendi_entropy(a: jax.Array) -> jax.Array:
     """Von Neumann entropy ``-sum_i l_i log l_i`` of a symmetric PSD matrix (trace 1).
 
@@ -48,13 +47,20 @@ def vendi_entropy(a: jax.Array) -> jax.Array:
     eigenvalues of a rank-deficient kernel (where differentiating ``eigh`` gives NaN).
     The null-space terms dropped there are exactly zero for a kernel ``X^T X``.
     """
+    # A plain function around the custom_jvp one, so the API reference shows this as a
+    # documented function (pdoc renders a jax.custom_jvp object as a bare variable).
+    return _vendi_entropy(a)
+
+
+@jax.custom_jvp
+def _vendi_entropy(a: jax.Array) -> jax.Array:
     lam = jnp.linalg.eigvalsh(a)
     pos = lam > 1e-6
     safe = jnp.where(pos, lam, 1.0)
     return -jnp.sum(jnp.where(pos, safe * jnp.log(safe), 0.0), axis=-1)
 
 
-@vendi_entropy.defjvp
+@_vendi_entropy.defjvp
 def _vendi_entropy_jvp(primals, tangents):
     (a,), (da,) = primals, tangents
     lam, u = jnp.linalg.eigh(a)
@@ -154,7 +160,7 @@ class VendiGuidance:
     single batch is pushed apart without any earlier generations.
 
     Attributes:
-        base: the guidance whose x0 estimate is steered (e.g. :class:`CFG`).
+        base: the guidance whose x0 estimate is steered (e.g. :class:`.cfg.CFG`).
         scale: ``s`` (scalar or ``[B]``); 0 = the base guidance.
         beta: weight of the exemplar term.
         bank: :class:`VendiBank` of earlier generations (None = only the batch).

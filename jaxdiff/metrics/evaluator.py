@@ -89,7 +89,7 @@ class Evaluator:
         """Statistics of host features in the reference-statistics format.
 
         E.g. of generated samples: ``ev.statistics(fn(params, seed).features).save(path)``
-        with ``fn`` from :func:`make_sample_and_evaluate_fn`.
+        with ``fn`` from :func:`.evaluate.make_sample_and_evaluate_fn`.
 
         Args:
           features: ``{name: [N, ...]}`` as :meth:`features` returns them, or as a

@@ -231,7 +231,7 @@ def load_vae(
     batch_size: int = 16,
     fallback_scaling: Any = None,
 ) -> Any:
-    """A converted VAE file as a batched encoder/decoder (:class:`PretrainedVAE`).
+    """A converted VAE file as a batched encoder/decoder (:class:`.vae_handle.PretrainedVAE`).
 
     Args:
       path: A VAE converted by ``python -m jaxdiff.pretrained.convert``.

@@ -84,7 +84,7 @@ class PretrainedVAE:
         """Builds the handle from a config and params (e.g. of a converted file).
 
         Args:
-          config: A VAE config (:data:`PRESETS`, :func:`infer_config`).
+          config: A VAE config (:data:`.vae.PRESETS`, :func:`.vae.infer_config`).
           params: The params (nested dict, boxed or not).
           scaling: The latent space; None takes the config's ``scaling_factor``.
           batch_size: Examples per jitted call (a smaller call runs at its own size).
