@@ -302,3 +302,25 @@ def test_timeouts_come_from_flags_then_environment_then_defaults(monkeypatch):
     assert initialize_distributed("localhost:1", 2, 0, timeouts=t)
     assert seen == dict(initialization_timeout=600, heartbeat_timeout_seconds=42,
                         shutdown_timeout_seconds=7)  # fmt: skip
+
+
+def test_a_cloud_tpu_vm_starts_the_distributed_runtime_without_variables(monkeypatch):
+    from jaxdiff.parallel import distributed
+
+    for var in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("JAXDIFF_COORDINATOR", "TPU_SKIP_MDS_QUERY"):
+        monkeypatch.delenv(var, raising=False)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: calls.append(kw))
+    assert not distributed.on_cloud_tpu_vm()  # this CPU host has no TPU chips
+    assert not distributed.initialize_distributed() and not calls
+    monkeypatch.setattr(distributed, "on_cloud_tpu_vm", lambda: True)
+    assert distributed.initialize_distributed()
+    assert calls[0]["heartbeat_timeout_seconds"] == 300  # the timeouts reach JAX
+
+    def no_slice(**kw):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", no_slice)
+    assert not distributed.initialize_distributed()  # one process, with a warning

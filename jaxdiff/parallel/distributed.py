@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 import jax
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +55,8 @@ def initialize_distributed(
 ) -> bool:
     """Starts JAX's distributed runtime when this is (or may be) a multi-process job.
 
-    On TPU pods and SLURM, ``jax.distributed.initialize()`` detects everything itself;
+    On Cloud TPU VMs (one host or a pod slice, found by their TPU chips), GKE TPU pods,
+    multislice jobs and SLURM, ``jax.distributed.initialize()`` detects everything itself;
     elsewhere pass the coordinator explicitly (or set ``JAXDIFF_COORDINATOR``,
     ``JAXDIFF_NUM_PROCESSES`` and ``JAXDIFF_PROCESS_ID``). Must run before any other JAX
     call. A single process with nothing to detect is left alone.
@@ -89,7 +93,36 @@ def initialize_distributed(
     ):
         jax.distributed.initialize(**kwargs)
         return True
+    if on_cloud_tpu_vm():
+        # A plain Cloud TPU VM (a `gcloud ... ssh --worker=all` shell) has none of the
+        # variables above: JAX finds the slice's workers through the metadata server. The
+        # TPU runtime would connect the hosts without this call, but the coordination
+        # service it starts is what carries the timeouts and orbax's preemption notice.
+        try:
+            jax.distributed.initialize(**kwargs)
+        except ValueError as err:  # TPU chips, but no Cloud TPU metadata to find a slice
+            log.warning("TPU chips found but no Cloud TPU slice (%s): one process", err)
+            return False
+        return True
     return False
+
+
+def on_cloud_tpu_vm() -> bool:
+    """Whether this host has TPU chips that JAX will treat as a Cloud TPU VM.
+
+    Uses JAX's own PCI scan (the check JAX makes before it loads the TPU runtime); no
+    backend is started. False where the scan is unavailable or metadata queries are off
+    (``TPU_SKIP_MDS_QUERY``).
+    """
+    if "TPU_SKIP_MDS_QUERY" in os.environ:
+        return False
+    try:
+        from jax._src import hardware_utils  # private: JAX has no public pre-backend probe
+
+        chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+    except Exception:  # noqa: BLE001 - a moved private helper must not break start-up
+        return False
+    return chips > 0
 
 
 def is_main_process() -> bool:
