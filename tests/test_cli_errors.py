@@ -98,6 +98,12 @@ CASES = [
     ("config-steps", "train", ["--config.sample.steps=0"], "steps"),
     ("resume-below-step", "train", ["--workdir=RUN", *TINY, "--config.train.num_steps=1"], "below"),
     ("workdir-unknown-scheme", "train", ["--workdir=memory://bucket/run"], "memory://"),
+    (
+        "distill-features-not-sown",  # the tiny teacher has one level: no "enc1"
+        "train",
+        ["--config=train/configs/distill_digits.py", "--config.teacher=RUN"],
+        "--config.distill.feature_names",
+    ),
     ("sample-unknown-scheme", "sample", ["--workdir=ftp://host/run"], "ftp://"),
     ("imagefolder-without-path", "train", [f"--config={IMAGEFOLDER}"], "--config.data.path"),
     (

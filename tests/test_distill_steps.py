@@ -27,6 +27,7 @@ from jaxdiff.distill.few_step import (
 from jaxdiff.distill.heads import DiscHead
 from jaxdiff.distill.losses import dmd2_loss, vsd_loss
 from jaxdiff.distill.ratio import f_weights
+from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.parallel import make_mesh, replicated
 
 NUM_CLASSES = 3
@@ -264,5 +265,5 @@ def test_unet_sows_features_only_when_asked():
     assert set(variables) == {"params"}  # init sows nothing
     np.testing.assert_array_equal(plain, out)
     assert [f.shape for f in feats] == [(2, 8, 8, 8), (2, 4, 4, 16), (2, 4, 4, 16)]
-    with pytest.raises(KeyError, match="not sown"):
+    with pytest.raises(InvalidArgumentError, match="not sown"):
         unet_features(model, variables["params"], x, t, None, ("enc5",))

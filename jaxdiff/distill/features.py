@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.diffusion.formulation import Formulation, expand_to
+from jaxdiff.errors import InvalidArgumentError
 
 DenoiseFeats = Callable[..., tuple[jax.Array, list[jax.Array]]]
 
@@ -31,13 +32,17 @@ def unet_features(
     """Runs a UNet once; returns its output and the sown features ``names`` (in order).
 
     Raises:
-        KeyError: for a name the model does not sow (the message lists the sown ones).
+        InvalidArgumentError: for a name the model does not sow (the message lists the
+            sown ones).
     """
     out, state = model.apply({"params": params}, x_in, noise_label, cond, mutable=["intermediates"])
     sown = state.get("intermediates", {})
     missing = [n for n in names if n not in sown]
     if missing:
-        raise KeyError(f"features {missing} not sown by the model; it sows {sorted(sown)}")
+        raise InvalidArgumentError(
+            f"features {missing} are not sown by this model; it sows {sorted(sown)}: "
+            "choose the feature names among those"
+        )
     return out, [sown[n][0] for n in names]
 
 

@@ -110,17 +110,23 @@ def build_fdistill(ctx: DistillContext) -> Method:
     config, teacher, mesh = ctx.config, ctx.teacher, ctx.mesh
     d = config.distill
     cfg = fdistill_config(config, teacher.config.sample)
-    nets = make_unet_nets(
-        teacher.model,
-        teacher.formulation,
-        cfg,
-        num_classes=teacher.num_classes,
-        sample_shape=teacher.sample_shape,
-        teacher_params_example=teacher.params,
-        feature_names=tuple(d.feature_names),
-        head_width=d.head_width,
-        teacher_guidance=d.teacher_guidance,
-    )
+    try:
+        nets = make_unet_nets(
+            teacher.model,
+            teacher.formulation,
+            cfg,
+            num_classes=teacher.num_classes,
+            sample_shape=teacher.sample_shape,
+            teacher_params_example=teacher.params,
+            feature_names=tuple(d.feature_names),
+            head_width=d.head_width,
+            teacher_guidance=d.teacher_guidance,
+        )
+    except InvalidArgumentError as err:  # a teacher with fewer levels than the default
+        raise InvalidArgumentError(
+            f"--config.distill.feature_names={tuple(d.feature_names)} does not fit the "
+            f"teacher: {err}"
+        ) from None
     txs = (
         build_optimizer(config.optim),
         build_optimizer(config.critic_optim, key="critic_optim"),

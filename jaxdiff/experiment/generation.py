@@ -173,7 +173,7 @@ def hybrid_generate_samples(
             f"base and student sample shapes differ: {base.sample_shape} vs "
             f"{student.sample_shape}: pass the student distilled from this base run"
         )
-    if base.mesh is not student.mesh:
+    if base.mesh != student.mesh:  # equal devices and axes (meshes are also interned)
         raise InvalidArgumentError("load the base and the student runs onto the same mesh")
     generate = make_hybrid_generate_fn(
         (base.model, base.formulation),
