@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks.diversity_digits --workdir=/work/scratch/cmp/teacher \\
+    python -m benchmarks.diversity_digits --workdir=runs/digits \\
         --methods="cfg:2;cvsg:0.05,cfg_scale=2,include_batch=false;cvsg:0.05,cfg_scale=2"
     python -m benchmarks.diversity_digits --workdir=DIT_RUN --methods="cfg:2;negtome:0.9,scale=2"
     python -m benchmarks.diversity_digits --smoke  # seconds on a CPU; numbers mean nothing

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks.edit_digits --workdir=/work/scratch/cmp/teacher --num=100 \\
+    python -m benchmarks.edit_digits --workdir=runs/digits --num=100 \\
         --recon_steps= --scale=2 --strengths=1,0.7,0.5 --injects=0,1 --modes=source,both \\
         --grid=docs/editing_grid.png --jsonl=edit.jsonl
 

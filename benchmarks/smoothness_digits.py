@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks.smoothness_digits --workdirs=/work/scratch/methods/base,RUN2
+    python -m benchmarks.smoothness_digits --workdirs=runs/digits,RUN2
     python -m benchmarks.smoothness_digits --smoke  # seconds on a CPU; numbers mean nothing
 
 For each run (its stored sampler, EMA params):

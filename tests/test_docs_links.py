@@ -57,3 +57,21 @@ def test_relative_links_resolve(page):
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             broken.append(f"{target} (no heading with that anchor in {dest.name})")
     assert not broken, f"{page.name} has broken links: " + "; ".join(broken)
+
+
+def test_no_file_names_a_developer_machine():
+    """Docs, notebooks, scripts and code name paths a user has, never the developers'."""
+    private = re.compile("/" + "work/|" + r"\.\./shared")
+    offenders = []
+    for folder in ("jaxdiff", "train", "sample", "tests", "benchmarks", "docs", "colab", ".ci"):
+        for path in sorted((ROOT / folder).rglob("*")):
+            if (
+                path.suffix in {".py", ".md", ".ipynb", ".sh", ".cfg", ".toml", ""}
+                and path.is_file()
+            ):
+                if private.search(path.read_text(errors="ignore")):
+                    offenders.append(str(path.relative_to(ROOT)))
+    for path in ROOT.glob("*.md"):
+        if private.search(path.read_text()):
+            offenders.append(path.name)
+    assert not offenders, f"paths from the developers' machines in: {offenders}"

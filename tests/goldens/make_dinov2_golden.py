@@ -12,8 +12,8 @@ Upstream code (read-only copies, imported from disk, not vendored):
 
 Run (never in CI) with torch 2.13.0 (CPU)::
 
-    /work/scratch/torchenv/bin/python tests/goldens/make_dinov2_golden.py \
-        --dinov2 /work/scratch/upstream/facebookresearch+dinov2
+    /tmp/torchenv/bin/python tests/goldens/make_dinov2_golden.py \
+        --dinov2 /tmp/upstream/facebookresearch+dinov2
 
 The network is built as ``dinov2.hub.backbones`` builds the published ones (patch 14,
 ``init_values=1.0`` LayerScale, ``block_chunks=0``, no registers, ``interpolate_offset``
@@ -97,7 +97,7 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dinov2", default="/work/scratch/upstream/facebookresearch+dinov2")
+    parser.add_argument("--dinov2", default="/tmp/upstream/facebookresearch+dinov2")
     args = parser.parse_args()
     sys.path.insert(0, args.dinov2)
     warnings.filterwarnings("ignore", "xFormers")

@@ -9,9 +9,9 @@ Upstream code (read-only copies, imported from disk, not vendored):
 
 run with torch 2.13.0 (CPU) and timm 1.0.31. Rerun (never in CI) with::
 
-    /work/scratch/torchenv/bin/python tests/goldens/make_dit_golden.py \
-        --dit /work/scratch/upstream/facebookresearch+DiT \
-        --sit /work/scratch/upstream/willisma+SiT
+    /tmp/torchenv/bin/python tests/goldens/make_dit_golden.py \
+        --dit /tmp/upstream/facebookresearch+DiT \
+        --sit /tmp/upstream/willisma+SiT
 
 Stubs, because the scratch environment lacks some packages the upstream imports need:
 
@@ -226,8 +226,8 @@ def sit_golden(upstream: str, name: str, cfg: dict, t: list[float], y: list[int]
 def main() -> None:
     """Writes the three goldens."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dit", default="/work/scratch/upstream/facebookresearch+DiT")
-    parser.add_argument("--sit", default="/work/scratch/upstream/willisma+SiT")
+    parser.add_argument("--dit", default="/tmp/upstream/facebookresearch+DiT")
+    parser.add_argument("--sit", default="/tmp/upstream/willisma+SiT")
     args = parser.parse_args()
     install_stubs()
     import timm  # noqa: PLC0415 (after the stubs)

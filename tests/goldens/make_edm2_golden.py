@@ -35,7 +35,7 @@ it is used; the embedded source still says ``import psutil``).
 
 Rerun (never in CI; needs torch and the EDM2 sources)::
 
-    /work/scratch/torchenv/bin/python tests/goldens/make_edm2_golden.py
+    /tmp/torchenv/bin/python tests/goldens/make_edm2_golden.py
 """
 
 import copy
@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EDM2 = "/work/scratch/upstream/NVlabs+edm2"
+EDM2 = "/tmp/upstream/NVlabs+edm2"
 sys.path.insert(0, EDM2)
 sys.modules.setdefault("psutil", types.ModuleType("psutil"))  # see the docstring
 

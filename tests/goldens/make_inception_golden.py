@@ -5,9 +5,9 @@ Reference: ``pytorch-fid==0.3.0`` (``pytorch_fid.inception.InceptionV3`` with
 ``align_corners=False``, ``2 * x - 1``) and its ``fid_score.calculate_frechet_distance``.
 Run (never in CI) with torch 2.13.0 (CPU), pytorch-fid 0.3.0 and scipy::
 
-    /work/scratch/torchenv/bin/pip install --no-deps pytorch-fid==0.3.0
-    /work/scratch/torchenv/bin/pip install scipy
-    /work/scratch/torchenv/bin/python tests/goldens/make_inception_golden.py
+    /tmp/torchenv/bin/pip install --no-deps pytorch-fid==0.3.0
+    /tmp/torchenv/bin/pip install scipy
+    /tmp/torchenv/bin/python tests/goldens/make_inception_golden.py
 
 pytorch-fid imports torchvision, which this environment does not have (and which is only
 used for the base classes of the blocks and the empty ``inception_v3`` builder). A stub

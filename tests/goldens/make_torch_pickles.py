@@ -33,7 +33,7 @@ Files:
 
 Rerun (never in CI; needs torch 2.13.0 and the EDM2 sources)::
 
-    /work/scratch/torchenv/bin/python tests/goldens/make_torch_pickles.py
+    /tmp/torchenv/bin/python tests/goldens/make_torch_pickles.py
 """
 
 import argparse
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EDM2 = "/work/scratch/upstream/NVlabs+edm2"
+EDM2 = "/tmp/upstream/NVlabs+edm2"
 sys.path.insert(0, EDM2)
 
 import dnnlib  # noqa: E402  (from the EDM2 checkout above)

@@ -20,7 +20,7 @@ Goldens: ``vae_tiny`` (two levels, quant convs, mid attention), ``vae_tiny_noqua
 
 Rerun (never in CI; needs torch + diffusers==0.31.0)::
 
-    /work/scratch/torchenv/bin/python tests/goldens/make_vae_golden.py
+    /tmp/torchenv/bin/python tests/goldens/make_vae_golden.py
 """
 
 import json
