@@ -152,9 +152,15 @@ def test_conversions_round_trip():
     np.testing.assert_allclose(vp_to_sigma(alpha, sigma_vp), sigma, rtol=1e-5)
     np.testing.assert_allclose(flow_t_to_sigma(sigma_to_flow_t(sigma)), sigma, rtol=1e-4)
     for sched in (LinearVPSchedule(), CosineVPSchedule()):
-        t = jnp.array([0.01, 0.3, 0.7, 0.95])
-        np.testing.assert_allclose(sched.t_from_sigma(sched.sigma(t)), t, rtol=1e-4)
+        t = jnp.array([1e-4, 0.01, 0.3, 0.7, 0.95])
+        np.testing.assert_allclose(sched.t_from_sigma(sched.sigma(t)), t, rtol=2e-5)
         np.testing.assert_allclose(sched.alpha(t) ** 2, 1 / (1 + sched.sigma(t) ** 2), rtol=1e-5)
+    # The cosine schedule's definition in float64: alpha = cos(a) / cos(a0).
+    t64, s = np.array([1e-4, 0.01, 0.3, 0.7, 0.95]), CosineVPSchedule().s
+    angle = (t64 + s) / (1 + s) * np.pi / 2
+    want = 2 * (np.log(np.cos(angle)) - np.log(np.cos(s / (1 + s) * np.pi / 2)))
+    got = CosineVPSchedule().log_alpha2(jnp.asarray(t64, jnp.float32))
+    np.testing.assert_allclose(got, want, rtol=2e-6)
 
 
 def test_sigma_schedules():

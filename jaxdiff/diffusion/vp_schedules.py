@@ -74,14 +74,29 @@ class CosineVPSchedule(VPSchedule):
         return self.s / (1.0 + self.s) * math.pi / 2
 
     def log_alpha2(self, t: ArrayLike) -> jax.Array:
-        """See :class:`VPSchedule`."""
-        angle = (jnp.asarray(t) + self.s) / (1.0 + self.s) * (math.pi / 2)
-        return 2.0 * (jnp.log(jnp.cos(angle)) - math.log(math.cos(self._angle0())))
+        """See :class:`VPSchedule`.
+
+        ``log(cos(a)^2 / cos(a0)^2)`` with ``a - a0 = k t``, written as
+        ``2 log1p(-2 sin((a + a0)/2) sin((a - a0)/2) / cos(a0))``: the difference of the two
+        logs of numbers near 1 would cancel most of float32's digits at small ``t``.
+        """
+        t = jnp.asarray(t)
+        k = math.pi / (2.0 * (1.0 + self.s))
+        half_sum, half_diff = 0.5 * k * (t + 2.0 * self.s), 0.5 * k * t
+        drop = 2.0 * jnp.sin(half_sum) * jnp.sin(half_diff) / math.cos(self._angle0())
+        return 2.0 * jnp.log1p(-drop)
 
     def t_from_sigma(self, sigma: ArrayLike) -> jax.Array:
-        """Inverts ``alpha = 1 / sqrt(1 + sigma^2)`` through ``arccos``."""
-        alpha = jax.lax.rsqrt(1.0 + jnp.asarray(sigma) ** 2)
-        angle = jnp.arccos(alpha * math.cos(self._angle0()))
+        """Inverts ``alpha = 1 / sqrt(1 + sigma^2)`` for the angle ``(t + s)/(1 + s) pi/2``.
+
+        ``cos(angle) = cos(angle0) / sqrt(1 + sigma^2)`` gives
+        ``tan(angle) = sqrt(sigma^2 + sin^2(angle0)) / cos(angle0)``; ``arctan2`` of that is
+        well conditioned at small ``t``, where ``arccos`` of a number near 1 loses about
+        half of float32's digits.
+        """
+        a0 = self._angle0()
+        sigma = jnp.asarray(sigma)
+        angle = jnp.arctan2(jnp.sqrt(sigma**2 + math.sin(a0) ** 2), math.cos(a0))
         return angle * (2.0 / math.pi) * (1.0 + self.s) - self.s
 
 
