@@ -38,6 +38,11 @@ import pytest  # noqa: E402
 NUM_DEVICES = 8
 
 
+# Expensive fixtures in test modules are session-scoped, not module-scoped: xdist may
+# interleave a module's tests with other modules' on one worker, and pytest tears a module
+# fixture down whenever the next test comes from another module, then builds it again.
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A tiny digits run (5 steps, checkpoints at 5), trained once per test process.

@@ -1,6 +1,6 @@
 """The API reference (docs/build_api.py, pdoc) builds cleanly and covers the public API.
 
-The build takes about 15 s (172 modules); one worker builds it once for the module.
+The build takes about 15 s (172 modules); one worker builds it once per test session.
 """
 
 import importlib
@@ -25,7 +25,7 @@ def _builder():
     return sys.modules["build_api"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("api")
     return out, _builder().build(out)

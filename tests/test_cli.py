@@ -163,7 +163,7 @@ def test_sample_cli_eval_prints_metrics(trained, tmp_path):
     assert saved["samples"].shape[0] == 5 and saved["labels"].tolist() == [0, 1, 2, 3, 4]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def noise_aware_classifier(tmp_path_factory):
     from jaxdiff.experiment import train_classifier
     from train.configs.digits_classifier import get_config

@@ -156,7 +156,7 @@ class _Evil:
         return (os.system, ("echo pwned",))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def places(tmp_path_factory, trained_run):
     run = trained_run
     tmp = tmp_path_factory.mktemp("scratch")

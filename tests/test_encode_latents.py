@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = 8  # images; the tiny VAE has 2 levels (downscale 2), so latents are 4x4x4
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_vae(tmp_path_factory):
     """A 2-level SD-VAE of width 8 with random weights (fast to compile), and its file."""
     config = dict(vae_lib.PRESETS["sd-vae-ft-mse"], block_out_channels=[8, 8])
@@ -46,7 +46,7 @@ def tiny_vae(tmp_path_factory):
     return PretrainedVAE.from_params(config, params), file
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def images(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("data") / "images")  # 2 classes x 8
 
@@ -61,7 +61,7 @@ def _shard_bytes(folder, num_shards=3):
     return [(Path(folder) / shard_name(i, num_shards)).read_bytes() for i in range(num_shards)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def encoded(tiny_vae, images, tmp_path_factory):
     """The tiny folder encoded with --flip (shared read-only)."""
     out = tmp_path_factory.mktemp("latents") / "flip"

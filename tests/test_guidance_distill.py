@@ -192,7 +192,7 @@ def _teacher_params(seed=0):
     return jax.tree.map(fill, shapes)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def unet_params():
     """(teacher params, the student's fresh init, the grafted student)."""
     teacher = _teacher_params()

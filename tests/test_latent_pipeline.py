@@ -24,7 +24,7 @@ from train.configs.dit_b2_latents import get_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def latent_setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("latent")
     with np.load(ROOT / "tests" / "goldens" / "vae_tiny.npz") as z:

@@ -108,3 +108,11 @@ def test_the_checker_sees_violations(tmp_path):
     )
     names = _imports(bad)
     assert "ml_collections" in names and _jaxdiff_top("jaxdiff.experiment.load_run") == "experiment"
+
+
+def test_test_fixtures_are_never_module_scoped():
+    """See tests/conftest.py: xdist's interleaving rebuilds module fixtures (80 s twice)."""
+    tests = Path(__file__).resolve().parent
+    offenders = [p.name for p in sorted(tests.glob("*.py")) if 'scope="module"' in p.read_text()]
+    offenders.remove(Path(__file__).name)
+    assert not offenders, f"use scope='session' for shared fixtures in {offenders}"

@@ -44,7 +44,7 @@ class SeesNothing:
         return jnp.zeros(()), {}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def params():
     model = UNet(**SMALL)
     return nn.unbox(model.init(jax.random.key(1), X, jnp.zeros(4), Y))["params"]

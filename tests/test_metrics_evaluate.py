@@ -17,12 +17,12 @@ from jaxdiff.parallel import make_mesh
 NUM, SEED = 24, 3
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def workdir(trained_run):
     return trained_run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run(workdir):
     return load_run(workdir)
 
@@ -31,7 +31,7 @@ def _spec(run):
     return resolve_sampler(run.config.sample, num_classes=10, solver="euler", guidance="none")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sampled(workdir):
     results = {}
     for n in (8, 1):

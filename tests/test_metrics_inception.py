@@ -36,12 +36,12 @@ FEATURES = jax.jit(inception_features)
 IMAGES = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def variables():
     return random_inception_variables(0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def weights_file(tmp_path_factory, variables):
     path = tmp_path_factory.mktemp("inception") / "fid_inception.npz"
     digest = save_inception_variables(path, variables)

@@ -51,13 +51,13 @@ def seeded_tensor(seed: int, index: int, key: str, shape: tuple[int, ...]) -> np
     return rng.uniform(lo, hi, shape).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def golden():
     with np.load(GOLDEN) as z:
         return {k: z[k] for k in z.files}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def state_dict(golden):
     config = json.loads(str(golden["config"][0]))
     return {
@@ -66,7 +66,7 @@ def state_dict(golden):
     }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ours(golden, state_dict):
     variables = convert_state_dict(state_dict)
     images = np.concatenate(

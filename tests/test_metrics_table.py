@@ -33,15 +33,14 @@ from jaxdiff.metrics.inception_weights import random_inception_variables, save_i
 from jaxdiff.metrics.weights import ChecksumMismatchError, file_sha256
 from jaxdiff.parallel import make_mesh
 
-# One xdist worker for the whole module: the module-scoped Inception fixtures are then
-# computed once (about 80 s each on a 2-core CPU).
+# One xdist worker for the whole module, so the Inception fixtures are computed once.
 pytestmark = pytest.mark.xdist_group("inception_table")
 
 RNG = np.random.default_rng(0)
 REF_IMAGES = RNG.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def files(tmp_path_factory):
     """Random pool3 weights, a random logits layer and an ADM batch of images only."""
     root = tmp_path_factory.mktemp("table")
@@ -70,7 +69,7 @@ def _generate(params, labels, keys):
     return x, {"nfe": jnp.int32(1)}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def streamed(files):
     """The whole table, sampled and evaluated batch by batch on a 2-device mesh."""
     root = files["root"]

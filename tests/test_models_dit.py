@@ -40,17 +40,17 @@ def param_count(model, shape, num_classes=True):
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(nn.unbox(shapes)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model():
     return DiT(**TINY, dropout=0.1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def params(model):
     return random_params(model, X, T, Y)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def apply(model):
     return jax.jit(model.apply, static_argnames=("train", "variant"))
 

@@ -64,17 +64,17 @@ def random_params(model, seed=0, weight_scale=(1.0, 1.0), boxed=False):
     return out if boxed else nn.unbox(out)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model():
     return EDM2UNet(**TINY)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def params(model):
     return random_params(model)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def apply(model):
     # One jitted apply per call signature: XLA:CPU compiles the whole net faster than
     # eager mode compiles its ops one by one.

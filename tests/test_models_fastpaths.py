@@ -69,7 +69,7 @@ def scan_bodies(jaxpr):
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def unrolled():
     return random_params(DiT(**DIT), X)
 

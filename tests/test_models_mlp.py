@@ -22,17 +22,17 @@ def key(seed):
     return jax.random.key(seed, impl="unsafe_rbg")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model():
     return MLP(**SMALL, zero_init_output=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def variables(model):
     return jax.jit(model.init)(key(0), X, T, Y)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def apply(model):
     return jax.jit(model.apply, static_argnames=("train", "variant"))
 

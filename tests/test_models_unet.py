@@ -39,17 +39,17 @@ def random_params(model, *args, scale=0.1, seed=0):
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model():
     return UNet(**TINY)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def params(model):
     return random_params(model, X, T, Y)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def apply(model):
     # One jitted function for the whole module: each distinct (cond-is-None, train,
     # variant) traces once, keeping the number of CPU compiles small.

@@ -19,7 +19,7 @@ COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 INSTALL_TARGET = f"jaxdiff @ git+https://{REPO}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
     """Converted tiny DiTs (p2 main, p4 guide) and SD-VAE from the upstream goldens."""
     from test_pretrained_convert import golden_state_dict

@@ -51,7 +51,7 @@ def _train_steps(mesh_kw, steps, tmp_path):
     return state, losses
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def single_device_run(tmp_path_factory):
     """Three single-device steps, the reference of every mesh below (computed once)."""
     return _train_steps(dict(num_devices=1), 3, tmp_path_factory.mktemp("single"))

@@ -125,7 +125,7 @@ def _weights(std, end, total):
     return cdf(t) - cdf(t - 1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def walk():
     rng = np.random.default_rng(0)
     return np.cumsum(rng.normal(size=(3000, 16)), axis=0)  # p_1 .. p_T, 16 scalar walks

@@ -44,7 +44,7 @@ def golden_state_dict(name: str, folder: Path) -> tuple[Path, dict, dict]:
     return src, json.loads(str(np.ravel(data["config"])[0])), data
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dit_file(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dit")
     src, up, data = golden_state_dict("dit_p2_sigma", folder)
@@ -54,7 +54,7 @@ def dit_file(tmp_path_factory):
     return dst, out, data
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vae_file(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vae")
     src, _, _ = golden_state_dict("vae_tiny", folder)

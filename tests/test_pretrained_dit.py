@@ -48,7 +48,7 @@ def convert(name):
     return up, config, params, data
 
 
-@pytest.fixture(scope="module", params=NAMES)
+@pytest.fixture(scope="session", params=NAMES)
 def converted(request):
     return convert(request.param)
 

@@ -30,7 +30,7 @@ def rel(a, b):
     return float(np.max(np.abs(np.asarray(a) - b)) / np.max(np.abs(b)))
 
 
-@pytest.fixture(scope="module", params=NAMES)
+@pytest.fixture(scope="session", params=NAMES)
 def golden(request):
     return (request.param, *load(request.param))
 

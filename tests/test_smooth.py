@@ -91,7 +91,7 @@ def test_linear_denoiser_value_and_gradient_match_float64():
         np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-9)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def unet_params():
     x = jnp.zeros((2, 8, 8, 1))
     init = jax.jit(UNet(**SMALL).init)

@@ -21,7 +21,7 @@ K = 4
 LEVELS = student_sigmas(K)  # the EDM range of the digits teacher
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def student_dirs(tmp_path_factory):
     """A K-step student workdir as distillation saves it, and one saved the old way.
 
