@@ -128,6 +128,7 @@ def add_few_step_methods(c: ml_collections.ConfigDict) -> None:
     c.meanflow.learning_rate = 3e-4  # replaces config.optim's for this method
     c.meanflow.velocity = "teacher"
     c.meanflow.ratio_r_neq_t = 0.75
+    c.meanflow.time_dist = "logit_normal"  # or "uniform"
     c.meanflow.logit_mean = -0.4
     c.meanflow.logit_std = 1.0
     c.meanflow.norm_p = 1.0
