@@ -41,12 +41,11 @@ def tiny_weights(tmp_path_factory):
 
 def tiny_overrides(name: str, tmp_path: Path, teacher: Path, request) -> dict:
     """The parameter values each notebook runs with in the suite (every key must exist)."""
-    common = {"WORKDIR": str(tmp_path / "run")}
     if name == "pretrained.ipynb":  # converting the goldens costs seconds: only here
         return {**request.getfixturevalue("tiny_weights"), "LABELS": [1, 2], "STEPS": 2}
     return {
         "quickstart.ipynb": {
-            **common,
+            "WORKDIR": str(tmp_path / "run"),
             "NUM_STEPS": 5,
             "MODEL_CHANNELS": 8,
             "GRID_SIZE": 0,
