@@ -142,6 +142,48 @@ def test_few_step_grid_takes_the_first_of_each_class(tmp_path):
         assert image.size == (260 + 4 * (10 * 9 + 1), 4 * (2 * 9 + 1))
 
 
+def test_distill_rates_smoke(trained_run, tmp_path, capsys):
+    from benchmarks import distill_rates
+
+    out = tmp_path / "rates.json"
+    distill_rates.main(["--smoke", f"--teacher={trained_run}", f"--json={out}"])
+    rows = _table(capsys.readouterr().out, "| method | steps/s")
+    assert [r[0] for r in rows] == ["ct"]
+    _assert_finite(rows[0][1:])
+    (record,) = json.loads(out.read_text())["tables"].values()
+    rate = record[0]["steps/s"]
+    assert record[0]["steps in 6 min"] == int(rate * 360)  # the budget is rate x minutes
+
+
+def test_distill_rates_reads_steady_windows(tmp_path):
+    from benchmarks import distill_rates
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": 50, "steps_per_s": 1.0}, {"step": 100, "loss": 0.5, "steps_per_s": 6.0}]
+    lines += [{"step": 150, "steps_per_s": 8.0}]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert distill_rates.steady_rate(str(path)) == 7.0  # the compiling window is dropped
+    path.write_text(json.dumps(lines[0]) + "\n")
+    with pytest.raises(InvalidArgumentError, match="--steps >= 2 \\* --log_every"):
+        distill_rates.steady_rate(str(path))
+    with pytest.raises(InvalidArgumentError, match="unknown method 'dmd'"):
+        distill_rates.method_config("dmd", "runs/t", 4, 2, 8)
+
+
+def test_meanflow_jumps_smoke(trained_run, capsys):
+    from benchmarks import meanflow_jumps
+
+    meanflow_jumps.main(["--smoke", f"--teacher={trained_run}"])
+    rows = _table(capsys.readouterr().out, "| to sigma | flow gap")
+    assert [float(r[0]) for r in rows] == [0.0, 2.5]
+    for _, gap, student, euler in rows:
+        _assert_finite([gap, student, euler])
+        # Two updates from the teacher's weights (aux_time embedding zero): a jump is still
+        # the teacher's Euler step over the same interval, which checks the time mapping.
+        assert float(student) == pytest.approx(float(euler), rel=0.05)
+    assert float(rows[0][1]) == pytest.approx(80 / 81, abs=1e-3)  # the whole flow interval
+
+
 def test_input_pipeline_smoke(capsys):
     from benchmarks import input_pipeline
 
