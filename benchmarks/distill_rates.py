@@ -34,17 +34,9 @@ from collections.abc import Sequence
 from benchmarks.common import Table, header_line, report, smoke_workdir
 from jaxdiff.errors import InvalidArgumentError
 from jaxdiff.experiment import run_experiment
+from jaxdiff.experiment.distill import DISTILL_METHODS
 
-METHODS = (
-    "fdistill",
-    "fdistill4",
-    "cd",
-    "ct",
-    "scm",
-    "meanflow",
-    "progressive",
-    "guidance_distill",
-)
+METHODS = ("fdistill", "fdistill4", *(m for m in DISTILL_METHODS if m != "fdistill"))
 """Timed methods: ``config.method`` names, plus ``fdistill4`` (the 4-step f-distill
 student, whose backward simulation makes its steps dearer than the 1-step default's)."""
 
