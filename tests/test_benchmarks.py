@@ -170,6 +170,7 @@ def test_distill_rates_reads_steady_windows(tmp_path):
         distill_rates.method_config("dmd", "runs/t", 4, 2, 8)
 
 
+@pytest.mark.slow  # trains a MeanFlow student (a JVP step to compile); the suite is at its budget
 def test_meanflow_jumps_smoke(trained_run, capsys):
     from benchmarks import meanflow_jumps
 
