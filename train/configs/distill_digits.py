@@ -118,7 +118,7 @@ def add_few_step_methods(c: ml_collections.ConfigDict) -> None:
     c.scm.mode = "distill"
     c.scm.tangent_warmup_steps = 200
     # The paper's "learned" weighting made the digits student worse than its start, and
-    # "uniform" improved it 2.5x at this budget (docs/distillation.md).
+    # "uniform" improved it 2.5x, both at 950 steps (docs/distillation.md).
     c.scm.weighting = "uniform"
     # At the config's 1e-4 the student drifts (the tangent norm keeps growing) and ends
     # worse the longer it trains; 3e-5 was the best of 1e-4, 3e-5 and 1e-5 at 2,300 steps.
